@@ -1,0 +1,5 @@
+"""``python -m sowcli`` is the same as ``sow``."""
+
+from sowcli.cli import main
+
+main()

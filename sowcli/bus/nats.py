@@ -1,0 +1,279 @@
+"""NATS: subjects, connections that never give up, the buffered quote publisher, subscriptions.
+
+Subjects (the contract in ARCHITECTURE.md):
+
+- ``quotes.spot.{SYMBOL}`` / ``quotes.futures.{SYMBOL}``: one Quote JSON per message;
+- ``sow.status.{component}``: heartbeats of each running stage.
+
+Live fan-out is core NATS (at-most-once, lowest latency). :class:`NatsPublisher` is the one place
+quotes are published from: handlers hand it quotes without waiting, it holds them in a bounded
+buffer while NATS is unreachable (dropping the oldest beyond the bound, counted) and publishes them
+once the connection is back. The connection reconnects for ever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import nats
+import orjson
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from sowcli.errors import UpstreamError
+from sowcli.logs import kv
+from sowcli.model import Quote, encode_quote
+
+log = logging.getLogger("sow.nats")
+
+QUOTES_WILDCARD = "quotes.>"
+STATUS_PREFIX = "sow.status."
+_SUBJECTS: dict[tuple[str, str], str] = {}
+
+
+def quote_subject(market: str, symbol: str) -> str:
+    """``("SPOT", "BTCUSDT")`` -> ``quotes.spot.BTCUSDT`` (cached: it is on the hot path)."""
+    key = (market, symbol)
+    subject = _SUBJECTS.get(key)
+    if subject is None:
+        subject = _SUBJECTS[key] = f"quotes.{market.lower()}.{symbol}"
+    return subject
+
+
+def quote_filter(symbol: str | None = None, market: str | None = None) -> str:
+    """The subject filter for one symbol and/or market (``None`` = all)."""
+    m = market.lower() if market else "*"
+    s = symbol.upper() if symbol else "*"
+    if m == "*" and s == "*":
+        return QUOTES_WILDCARD
+    return f"quotes.{m}.{s}"
+
+
+def status_subject(component: str) -> str:
+    return STATUS_PREFIX + component
+
+
+def servers(url: str) -> list[str]:
+    return [u.strip() for u in url.split(",") if u.strip()]
+
+
+async def connect(
+    url: str,
+    *,
+    name: str,
+    on_disconnect: Callable[[], Awaitable[None]] | None = None,
+    on_reconnect: Callable[[], Awaitable[None]] | None = None,
+    connect_timeout_s: float = 2.0,
+    attempts: int = 1,
+) -> Client:
+    """Connect to NATS with reconnect-for-ever once connected.
+
+    ``attempts`` bounds the *initial* connection (nats-py cannot retry a first connect by itself);
+    the error names the URL. ``attempts=0`` tries for ever.
+    """
+
+    async def _error_cb(exc: Exception) -> None:
+        log.debug("nats error", extra=kv(error=repr(exc)))
+
+    async def _disconnected() -> None:
+        if nc.is_closed:
+            return  # our own close(), not an outage
+        log.warning("nats disconnected", extra=kv(url=url, client=name))
+        if on_disconnect:
+            await on_disconnect()
+
+    async def _reconnected() -> None:
+        log.info("nats reconnected", extra=kv(url=url, client=name))
+        if on_reconnect:
+            await on_reconnect()
+
+    delay = 0.2
+    tried = 0
+    while True:
+        tried += 1
+        nc = Client()
+        try:
+            await nc.connect(
+                servers(url),
+                name=name,
+                connect_timeout=int(max(1, connect_timeout_s)),
+                allow_reconnect=True,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5,  # type: ignore[arg-type]  # nats-py accepts floats
+                ping_interval=5,
+                max_outstanding_pings=2,
+                pending_size=8 * 1024 * 1024,
+                error_cb=_error_cb,
+                disconnected_cb=_disconnected,
+                reconnected_cb=_reconnected,
+                skip_subject_validation=True,
+            )
+            return nc
+        except (OSError, TimeoutError, nats.errors.Error) as exc:
+            if attempts and tried >= attempts:
+                raise UpstreamError(f"NATS at {url} is unreachable: {exc or type(exc).__name__}") from None
+            log.warning("nats unreachable, retrying", extra=kv(url=url, attempt=tried, error=str(exc)))
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 5.0)
+
+
+@dataclass(slots=True)
+class PublisherStats:
+    published: int = 0
+    buffered_peak: int = 0
+    dropped: int = 0
+    errors: int = 0
+
+
+class NatsPublisher:
+    """The QuoteHandler that publishes each Quote to ``quotes.{market}.{SYMBOL}``.
+
+    ``on_quote`` never waits on the network: quotes go into a bounded buffer that one task drains.
+    While NATS is unreachable the buffer holds up to ``buffer_max`` quotes (the oldest are dropped
+    beyond that, and counted); they are published in order once the connection is back.
+    """
+
+    def __init__(self, url: str, *, buffer_max: int = 100_000, name: str = "sow-publish") -> None:
+        self.url = url
+        self.name = name
+        self.buffer_max = buffer_max
+        self.stats = PublisherStats()
+        self.nc: Client | None = None
+        self._buffer: deque[tuple[str, bytes]] = deque()
+        self._wake = asyncio.Event()
+        self._connected = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._connect_task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    @property
+    def connected(self) -> bool:
+        return self.nc is not None and self.nc.is_connected
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+    async def start(self) -> None:
+        """Connect in the background (the exchange side starts at once); publish when ready."""
+        self._connect_task = asyncio.create_task(self._connect(), name="nats-connect")
+        self._task = asyncio.create_task(self._drain(), name="nats-publish")
+
+    async def _connect(self) -> None:
+        async def down() -> None:
+            self._connected.clear()
+
+        async def up() -> None:
+            self._connected.set()
+            self._wake.set()
+
+        self.nc = await connect(
+            self.url, name=self.name, on_disconnect=down, on_reconnect=up, attempts=0
+        )
+        await up()
+
+    async def on_quote(self, quote: Quote) -> None:
+        self.publish_nowait(quote_subject(quote.market, quote.symbol), encode_quote(quote))
+
+    def publish_nowait(self, subject: str, payload: bytes) -> None:
+        """Queue one message; never blocks. Drops (and counts) the oldest when the buffer is full."""
+        buf = self._buffer
+        if len(buf) >= self.buffer_max:
+            buf.popleft()
+            self.stats.dropped += 1
+        buf.append((subject, payload))
+        if len(buf) > self.stats.buffered_peak:
+            self.stats.buffered_peak = len(buf)
+        self._wake.set()
+
+    async def publish_status(self, component: str, doc: dict[str, Any]) -> None:
+        """Heartbeats skip the buffer: a stale heartbeat is worse than none."""
+        if self.connected:
+            assert self.nc is not None
+            with contextlib.suppress(Exception):
+                await self.nc.publish(status_subject(component), orjson.dumps(doc))
+
+    async def _drain(self) -> None:
+        buf = self._buffer
+        while True:
+            if not buf:
+                self._wake.clear()
+                if self._closing:
+                    return
+                await self._wake.wait()
+                continue
+            if not self._connected.is_set():
+                if self._closing:
+                    return
+                await self._connected.wait()
+                continue
+            nc = self.nc
+            assert nc is not None
+            publish = nc.publish
+            n = 0
+            try:
+                while buf and nc.is_connected:
+                    subject, payload = buf[0]
+                    await publish(subject, payload)
+                    buf.popleft()
+                    n += 1
+                    if n >= 1000:  # let other tasks run during a large backlog
+                        break
+            except nats.errors.OutboundBufferLimitError:
+                self._connected.clear()
+            except (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError):
+                return
+            except Exception as exc:  # never let the publisher die silently
+                self.stats.errors += 1
+                log.error("nats publish failed", extra=kv(error=repr(exc)))
+                buf.popleft()
+            self.stats.published += n
+            if n >= 1000:
+                await asyncio.sleep(0)
+
+    async def stop(self, timeout_s: float = 1.5) -> None:
+        """Publish what is buffered (bounded by ``timeout_s``), flush and close."""
+        self._closing = True
+        self._wake.set()
+        deadline = time.monotonic() + timeout_s
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), timeout=max(0.05, timeout_s * 0.6))
+            except TimeoutError:
+                self._task.cancel()
+        if self._connect_task is not None and not self._connect_task.done():
+            self._connect_task.cancel()
+        if self.nc is not None and not self.nc.is_closed:
+            left = max(0.05, deadline - time.monotonic())
+            with contextlib.suppress(Exception):
+                if self.nc.is_connected:
+                    await asyncio.wait_for(self.nc.flush(timeout=max(1, int(left))), timeout=left)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.nc.close(), timeout=0.5)
+        if self._buffer:
+            self.stats.dropped += len(self._buffer)
+            log.warning(
+                "quotes not published at shutdown", extra=kv(count=len(self._buffer))
+            )
+            self._buffer.clear()
+
+
+async def subscribe(
+    nc: Client, subject: str, *, queue: str = "", max_pending: int = 65_536
+) -> AsyncIterator[Msg]:
+    """Messages on ``subject`` as an async iterator with a bounded pending queue."""
+    sub = await nc.subscribe(subject, queue=queue, pending_msgs_limit=max_pending)
+    try:
+        async for msg in sub.messages:
+            yield msg
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()

@@ -1,0 +1,53 @@
+"""Option types shared by several subcommands (``Annotated`` aliases) and the settings loader."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from sowcli.config import Settings, load_settings
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        help="Config file (default: $SOW_CONFIG, else ./config.json if present).",
+        show_default=False,
+    ),
+]
+LogLevelOpt = Annotated[
+    str | None, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.", show_default=False)
+]
+LogFormatOpt = Annotated[
+    str | None, typer.Option("--log-format", help="kv (default) or json.", show_default=False)
+]
+NatsUrlOpt = Annotated[
+    str | None,
+    typer.Option("--nats-url", help="NATS URL (env NATS_URL; default nats://localhost:4222).", show_default=False),
+]
+SymbolsOpt = Annotated[
+    str | None,
+    typer.Option("--symbols", "-s", help="Comma-separated symbols, e.g. BTCUSDT,ETHUSDT.", show_default=False),
+]
+MarketsOpt = Annotated[
+    str | None,
+    typer.Option("--markets", "-m", help="Comma-separated markets: spot,futures.", show_default=False),
+]
+FormatOpt = Annotated[
+    str, typer.Option("--format", "-f", help="Output format: table, json or csv.")
+]
+
+
+def settings_from(config: Path | None, **overrides: Any) -> Settings:
+    """Load settings with the given flag values (``None`` = flag not given) on top."""
+    return load_settings(config, overrides)
+
+
+def setup(settings: Settings) -> None:
+    """Configure logging from the settings (call once per command, after loading them)."""
+    from sowcli.logs import configure_logging
+
+    configure_logging(settings.log_level, settings.log_format)

@@ -1,0 +1,266 @@
+"""Bybit v5 frames -> Quotes: the snapshot/delta merge and the spot top of book. Pure: no I/O.
+
+Bybit's linear ``tickers`` stream sends one full snapshot per symbol after subscribing, then deltas
+carrying only the fields that changed. :class:`BybitNormalizer` keeps one merged dict per
+(market, symbol): a snapshot replaces it, a delta updates it, and every ticker frame yields the
+Quote of the merged state. Rules (see ../shared/reference/bybit-v5.md):
+
+- a delta with no snapshot before it cannot be used: it is dropped and counted, never published as
+  a partial quote;
+- a frame whose ``cs`` is lower than the last one applied for that symbol is stale (reordered) and
+  is dropped and counted;
+- a frame that fails validation (wrong types, unparsable numbers, no price) is counted and leaves
+  the merged state untouched;
+- ``""`` means "no value" and becomes ``None``;
+- :meth:`BybitNormalizer.reset` forgets a market's state; the listener calls it on every reconnect.
+
+Spot tickers carry no bid/ask, so with ``spot_book`` on the normalizer also follows
+``orderbook.1.{SYMBOL}`` and fills the SPOT quote's ``bid``/``ask`` from the latest top of book.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sowcli.model import Market, Quote
+
+BOOK_LEVELS_MAX = 50  # orderbook.1 holds one level a side; the bound guards against odd deltas
+
+
+@dataclass(slots=True)
+class NormalizeStats:
+    """What the normalizer saw, for heartbeats and metrics."""
+
+    quotes: int = 0
+    dropped_deltas: int = 0
+    stale_frames: int = 0
+    invalid_frames: int = 0
+    ignored_frames: int = 0
+    book_updates: int = 0
+
+
+class InvalidFrame(ValueError):
+    """A data frame that cannot be turned into a Quote (bad type, bad number, no price)."""
+
+
+def _num(value: Any, field: str) -> float | None:
+    """Bybit numbers are strings; ``""`` and ``None`` mean no value."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            raise InvalidFrame(f"{field}={value!r} is not a number") from None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    raise InvalidFrame(f"{field}={value!r} has the wrong type")
+
+
+def _int(value: Any, field: str) -> int | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    raise InvalidFrame(f"{field}={value!r} is not an integer")
+
+
+class _Book:
+    """Top of book from ``orderbook.1`` frames (snapshot replaces, delta applies, size 0 deletes)."""
+
+    __slots__ = ("asks", "bids")
+
+    def __init__(self) -> None:
+        self.bids: dict[float, float] = {}
+        self.asks: dict[float, float] = {}
+
+    def apply(self, data: dict[str, Any], snapshot: bool) -> None:
+        sides = []
+        for key in ("b", "a"):
+            levels = data.get(key, [])
+            if not isinstance(levels, list):
+                raise InvalidFrame(f"orderbook {key} is not a list")
+            parsed = []
+            for level in levels:
+                if not isinstance(level, list) or len(level) < 2:
+                    raise InvalidFrame(f"orderbook level {level!r} is malformed")
+                price, size = _num(level[0], "price"), _num(level[1], "size")
+                if price is None or size is None:
+                    raise InvalidFrame(f"orderbook level {level!r} is malformed")
+                parsed.append((price, size))
+            sides.append(parsed)
+        for book, parsed in zip((self.bids, self.asks), sides, strict=True):
+            if snapshot:
+                book.clear()
+            for price, size in parsed:
+                if size == 0:
+                    book.pop(price, None)
+                else:
+                    book[price] = size
+            if len(book) > BOOK_LEVELS_MAX:  # keep the best levels only
+                keep = sorted(book, reverse=book is self.bids)[:BOOK_LEVELS_MAX]
+                for price in set(book) - set(keep):
+                    del book[price]
+
+    @property
+    def best_bid(self) -> float | None:
+        return max(self.bids) if self.bids else None
+
+    @property
+    def best_ask(self) -> float | None:
+        return min(self.asks) if self.asks else None
+
+
+class BybitNormalizer:
+    """Turns decoded Bybit data frames of one or more connections into Quotes."""
+
+    def __init__(self, *, spot_book: bool = True) -> None:
+        self.spot_book = spot_book
+        self.stats = NormalizeStats()
+        self._tickers: dict[tuple[Market, str], dict[str, Any]] = {}
+        self._last_cs: dict[tuple[Market, str], int] = {}
+        self._books: dict[str, _Book] = {}
+
+    def reset(self, market: Market) -> None:
+        """Forget the merge state of one market (its connection was re-established)."""
+        for key in [k for k in self._tickers if k[0] == market]:
+            del self._tickers[key]
+        for key in [k for k in self._last_cs if k[0] == market]:
+            del self._last_cs[key]
+        if market == "SPOT":
+            self._books.clear()
+
+    def has_snapshot(self, market: Market, symbol: str) -> bool:
+        return (market, symbol) in self._tickers
+
+    def on_message(self, market: Market, msg: dict[str, Any], recv_us: int) -> Quote | None:
+        """Apply one decoded data frame (it has a ``topic``); return the Quote it produces, if any.
+
+        Never raises for bad input: problems are counted in :attr:`stats`.
+        """
+        topic = msg.get("topic")
+        if not isinstance(topic, str):
+            self.stats.invalid_frames += 1
+            return None
+        try:
+            if topic.startswith("tickers."):
+                return self._ticker(market, topic, msg, recv_us)
+            if topic.startswith("orderbook.1."):
+                if market == "SPOT" and self.spot_book:
+                    self._orderbook(msg)
+                else:
+                    self.stats.ignored_frames += 1
+                return None
+        except InvalidFrame:
+            self.stats.invalid_frames += 1
+            return None
+        self.stats.ignored_frames += 1
+        return None
+
+    def _ticker(self, market: Market, topic: str, msg: dict[str, Any], recv_us: int) -> Quote | None:
+        data = msg.get("data")
+        if not isinstance(data, dict):
+            raise InvalidFrame("tickers data is not an object")
+        symbol = data.get("symbol") or topic[8:]
+        if not isinstance(symbol, str) or not symbol:
+            raise InvalidFrame("tickers frame without a symbol")
+        key = (market, symbol)
+        kind = msg.get("type", "snapshot")  # spot tickers are always snapshots
+        cs = _int(msg.get("cs"), "cs")
+        last_cs = self._last_cs.get(key)
+        if cs is not None and last_cs is not None and cs < last_cs:
+            self.stats.stale_frames += 1
+            return None
+        if kind == "snapshot":
+            merged = dict(data)
+        elif kind == "delta":
+            state = self._tickers.get(key)
+            if state is None:
+                self.stats.dropped_deltas += 1
+                return None
+            merged = state.copy()
+            merged.update(data)
+        else:
+            raise InvalidFrame(f"unknown frame type {kind!r}")
+        ts = _int(msg.get("ts"), "ts")
+        if ts is None:
+            raise InvalidFrame("frame without ts")
+        quote = self._quote(market, symbol, merged, ts, recv_us, cs)
+        # Commit only a frame that produced a valid quote: a bad delta must not poison the state.
+        self._tickers[key] = merged
+        if cs is not None:
+            self._last_cs[key] = cs
+        self.stats.quotes += 1
+        return quote
+
+    def _quote(
+        self,
+        market: Market,
+        symbol: str,
+        d: dict[str, Any],
+        ts: int,
+        recv_us: int,
+        cs: int | None,
+    ) -> Quote:
+        price = _num(d.get("lastPrice"), "lastPrice")
+        if price is None:
+            raise InvalidFrame("no lastPrice")
+        pcnt = _num(d.get("price24hPcnt"), "price24hPcnt")
+        change = round(pcnt * 100.0, 8) if pcnt is not None else None
+        if market == "SPOT":
+            bid = ask = None
+            if self.spot_book:
+                book = self._books.get(symbol)
+                if book is not None:
+                    bid, ask = book.best_bid, book.best_ask
+            return Quote(
+                symbol=symbol,
+                market=market,
+                price=price,
+                volume=_num(d.get("volume24h"), "volume24h"),
+                turnover=_num(d.get("turnover24h"), "turnover24h"),
+                high24h=_num(d.get("highPrice24h"), "highPrice24h"),
+                low24h=_num(d.get("lowPrice24h"), "lowPrice24h"),
+                change24h=change,
+                bid=bid,
+                ask=ask,
+                ts=ts,
+                recv_us=recv_us,
+                seq=cs,
+            )
+        return Quote(
+            symbol=symbol,
+            market=market,
+            price=price,
+            volume=_num(d.get("volume24h"), "volume24h"),
+            turnover=_num(d.get("turnover24h"), "turnover24h"),
+            high24h=_num(d.get("highPrice24h"), "highPrice24h"),
+            low24h=_num(d.get("lowPrice24h"), "lowPrice24h"),
+            change24h=change,
+            bid=_num(d.get("bid1Price"), "bid1Price"),
+            ask=_num(d.get("ask1Price"), "ask1Price"),
+            mark_price=_num(d.get("markPrice"), "markPrice"),
+            index_price=_num(d.get("indexPrice"), "indexPrice"),
+            funding_rate=_num(d.get("fundingRate"), "fundingRate"),
+            open_interest=_num(d.get("openInterest"), "openInterest"),
+            ts=ts,
+            recv_us=recv_us,
+            seq=cs,
+        )
+
+    def _orderbook(self, msg: dict[str, Any]) -> None:
+        data = msg.get("data")
+        if not isinstance(data, dict):
+            raise InvalidFrame("orderbook data is not an object")
+        symbol = data.get("s")
+        if not isinstance(symbol, str) or not symbol:
+            raise InvalidFrame("orderbook frame without a symbol")
+        kind = msg.get("type")
+        book = self._books.get(symbol)
+        if book is None:
+            book = self._books[symbol] = _Book()
+        book.apply(data, snapshot=kind != "delta")
+        self.stats.book_updates += 1
