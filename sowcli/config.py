@@ -114,6 +114,26 @@ class Settings:
     questdb_http_url: str = _key(
         "http://localhost:9000", "QuestDB HTTP URL, for ILP/HTTP writes", "QUESTDB_HTTP_URL"
     )
+    # --- sow cache -------------------------------------------------------------------------
+    cache_history_max: int = _key(1000, "entries kept in history:{market}:{symbol} (newest first)")
+    cache_timeseries_days: int = _key(
+        7, "days a timeseries:{market}:{symbol}:{date} key lives before it expires"
+    )
+    cache_flush_ms: int = _key(50, "cache writes are coalesced and pipelined at most this long")
+    cache_queue_group: str = _key("sow-cache", "NATS queue group shared by `sow cache` processes")
+    # --- sow persist -----------------------------------------------------------------------
+    stream_name: str = _key("QUOTES", "JetStream stream capturing quotes.>")
+    stream_max_age_hours: float = _key(72.0, "JetStream QUOTES keeps messages at most this long")
+    stream_max_bytes: int = _key(
+        2 * 1024**3, "JetStream QUOTES keeps at most this many bytes (oldest dropped first)"
+    )
+    persist_consumer: str = _key("sow-persist", "durable JetStream consumer shared by `sow persist`")
+    persist_batch_rows: int = _key(5000, "rows per QuestDB write (flush when reached)")
+    persist_flush_ms: int = _key(250, "flush a partial batch after this many milliseconds")
+    # --- sow backfill ----------------------------------------------------------------------
+    backfill_requests_per_second: float = _key(
+        20.0, "client-side REST rate limit (Bybit allows 600 per 5 s per IP)"
+    )
 
 
 def env_var(key: str) -> str:
@@ -233,7 +253,8 @@ def _check(key: str, value: Any) -> Any:
         return norm
     if key == "max_retries" and value < 0:
         raise ValueError("must be 0 (forever) or more")
-    if key in ("publish_buffer",) and value < 1:
+    if key in ("publish_buffer", "cache_history_max", "cache_timeseries_days", "cache_flush_ms",
+               "stream_max_bytes", "persist_batch_rows", "persist_flush_ms") and value < 1:
         raise ValueError("must be at least 1")
     if isinstance(value, float) and key.endswith("_seconds") and value <= 0:
         raise ValueError("must be greater than 0")
