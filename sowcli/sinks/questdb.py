@@ -28,7 +28,7 @@ CREATE TABLE IF NOT EXISTS market_data (
     seq LONG,
     recv_us LONG
 ) TIMESTAMP(timestamp) PARTITION BY DAY WAL
-DEDUP UPSERT KEYS(timestamp, symbol, market)
+DEDUP UPSERT KEYS(timestamp, symbol, market, seq)
 """
 
 CANDLES_DDL = """
