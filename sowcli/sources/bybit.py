@@ -170,7 +170,7 @@ class BybitConnection:
 
     def _send(self, doc: dict[str, Any]) -> None:
         transport = self._transport
-        if transport is None or transport.is_disconnected():
+        if transport is None or transport.is_disconnected:
             return
         text = orjson.dumps(doc)
         if self.recorder is not None:
@@ -245,7 +245,11 @@ class BybitConnection:
         while not self._stop.is_set():
             started = time.monotonic()
             self.stats.state = "connecting" if first else "reconnecting"
-            error = await self._session()
+            try:
+                error = await self._session()
+            except Exception as exc:  # a bug must cost a reconnect, never the listener
+                log.exception("bybit session failed", extra=kv(market=self.market))
+                error = f"internal error: {exc!r}"
             if self._stop.is_set():
                 break
             healthy = self.last_data_mono >= started and time.monotonic() - started >= HEALTHY_SESSION_S

@@ -92,7 +92,7 @@ class Recorder:
         self._fh.close()
 
 
-_RESET = b""
+_RESET = -1  # recv_us of the marker entry that resets a market (an empty frame is b"")
 
 
 class Feed:
@@ -138,7 +138,7 @@ class Feed:
 
     def connection_reset(self, origin: FrameOrigin) -> None:
         """A connection was (re)established: its market's merge state is reset, in frame order."""
-        self._queue.append((origin, _RESET, 0))
+        self._queue.append((origin, b"", _RESET))
         self._wake.set()
 
     # --- the consumer ------------------------------------------------------------------------
@@ -189,7 +189,7 @@ class Feed:
                 origin, raw, recv_us = queue.popleft()
                 batch += 1
                 market = origin.market
-                if raw is _RESET:
+                if recv_us == _RESET:
                     normalizer.reset(market)
                     continue
                 if recorder is not None:
