@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sowcli.errors import SowError
+from sowcli.errors import SowError, UsageError
 
 SERVERS = ("nats", "redis", "questdb")
 
@@ -98,8 +98,10 @@ def sow_home(environ: Mapping[str, str] | None = None) -> Path:
 
 
 def cache_dir(environ: Mapping[str, str] | None = None) -> Path:
-    """``$SOW_HOME/cache``, else ``$XDG_CACHE_HOME/sow``, else ``~/.cache/sow``."""
+    """``$SOW_CACHE_DIR``, ``$SOW_HOME/cache``, ``$XDG_CACHE_HOME/sow``, else ``~/.cache/sow``."""
     env = os.environ if environ is None else environ
+    if env.get("SOW_CACHE_DIR"):
+        return Path(env["SOW_CACHE_DIR"]).expanduser()
     if env.get("SOW_HOME"):
         return Path(env["SOW_HOME"]).expanduser() / "cache"
     if env.get("XDG_CACHE_HOME"):
@@ -183,6 +185,8 @@ def _proc_state(pid: int) -> str | None:
 
 def pid_alive(pid: int) -> bool:
     """True while ``pid`` runs (a zombie counts as gone; our own zombies are reaped here)."""
+    if pid <= 0:  # 0 and -1 would mean "any child" / "the whole process group"
+        return False
     with contextlib.suppress(ChildProcessError, OSError):
         done, _ = os.waitpid(pid, os.WNOHANG)
         if done == pid:
@@ -239,7 +243,8 @@ def _stop_attached() -> None:
                 proc.wait(5)
             if proc.poll() is None:
                 proc.kill()
-                proc.wait(5)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(5)
 
 
 @dataclass
@@ -256,6 +261,7 @@ class ServerProcess:
     env: dict[str, str] = field(default_factory=dict)
     detached: bool = False
     managed: bool = True
+    launched_at: float = 0.0  # time.monotonic() at launch, 0 when unknown
 
     # --- addresses ---
     @property
@@ -301,7 +307,7 @@ class ServerProcess:
         return probe(self.name, self.ports, timeout_s)
 
     def wait_healthy(self, timeout_s: float | None = None) -> float:
-        """Block until the server answers its health probe; returns the seconds it took.
+        """Block until the server answers its health probe; returns seconds since its launch.
 
         Raises :class:`ServerStartFailed` (after stopping the process) when the process exits or
         the timeout passes, quoting the last lines of its log.
@@ -310,7 +316,7 @@ class ServerProcess:
         start = time.monotonic()
         while True:
             if self.healthy(timeout_s=1.0):
-                return time.monotonic() - start
+                return time.monotonic() - (self.launched_at or start)
             if self.managed and not self.running():
                 code = self.proc.returncode if self.proc is not None else None
                 raise ServerStartFailed(
@@ -327,7 +333,12 @@ class ServerProcess:
             time.sleep(0.05)
 
     def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM, wait up to ``timeout`` seconds, then SIGKILL; the process is reaped."""
+        """SIGTERM, wait up to ``timeout`` seconds, then SIGKILL; the process is reaped.
+
+        A server sow did not start (``managed=False``, reused by :func:`up`) is left alone.
+        """
+        if not self.managed or self.pid <= 0:
+            return
         self._signal_and_wait(signal.SIGTERM, timeout)
         if self.running():
             self._signal_and_wait(signal.SIGKILL, 5.0)
@@ -336,6 +347,8 @@ class ServerProcess:
 
     def kill(self) -> None:
         """SIGKILL at once, like a crash (data that was not flushed is lost)."""
+        if not self.managed or self.pid <= 0:
+            return
         self._signal_and_wait(signal.SIGKILL, 5.0)
         _ATTACHED.discard(self.pid)
         _CHILDREN.pop(self.pid, None)
@@ -343,7 +356,8 @@ class ServerProcess:
     def restart(self, timeout_s: float | None = None) -> float:
         """Stop (if running) and start again on the same ports with the same data folder.
 
-        Returns the seconds the new process took to become healthy.
+        Returns the seconds the new process took to become healthy. Blocking: from async code
+        call it through ``asyncio.to_thread`` so that clients see the outage as it happens.
         """
         if not self.command:
             raise InfraError(
@@ -357,7 +371,7 @@ class ServerProcess:
             time.sleep(0.05)
             busy = [p for p in self.ports.values() if port_in_use(p)]
         fresh = _spawn(self.name, self.command, self.env, self.ports, self.home, self.detached)
-        self.pid, self.proc = fresh.pid, fresh.proc
+        self.pid, self.proc, self.launched_at = fresh.pid, fresh.proc, fresh.launched_at
         return self.wait_healthy(timeout_s)
 
     def _signal_and_wait(self, sig: signal.Signals, timeout: float) -> None:
@@ -426,6 +440,7 @@ def _spawn(
         command=list(command),
         env=dict(env),
         detached=detached,
+        launched_at=time.monotonic(),
     )
 
 
@@ -827,7 +842,7 @@ def _select(only: Sequence[str] | None) -> list[str]:
     for name in only:
         norm = name.strip().lower()
         if norm not in SERVERS:
-            raise InfraError(f"unknown server {name!r} (choose from {', '.join(SERVERS)})")
+            raise UsageError(f"unknown server {name!r} (choose from {', '.join(SERVERS)})")
         if norm not in chosen:
             chosen.append(norm)
     return [n for n in SERVERS if n in chosen]
@@ -871,7 +886,7 @@ def read_state(home: Path) -> dict[str, dict[str, Any]]:
 def _write_state(home: Path, servers: Mapping[str, Mapping[str, Any]]) -> None:
     path = home / STATE_FILE
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"servers": servers}, indent=2, sort_keys=True) + "\n")
+    tmp.write_text(json.dumps({"servers": servers}, indent=2) + "\n")
     os.replace(tmp, path)
 
 
@@ -888,13 +903,21 @@ def _entry(server: ServerProcess) -> dict[str, Any]:
 
 
 def _is_our_process(pid: int, home: Path, name: str) -> bool:
-    """Is ``pid`` alive and still the server ``up`` started (its command line names its folder)?"""
+    """Is ``pid`` alive and still the server ``up`` started?
+
+    Each server runs in its own data folder, so its working directory (or, failing that, its
+    command line: redis-server rewrites its own) names ``home/name``; a reused pid does not.
+    """
     if not pid_alive(pid):
         return False
-    cmdline = _cmdline(pid)
-    if not cmdline:  # no /proc (not Linux): trust the pid
-        return True
-    return any(str(home / name) in part for part in cmdline)
+    folder = str(home / name)
+    try:
+        if os.readlink(f"/proc/{pid}/cwd") == folder:
+            return True
+    except OSError:
+        if not Path("/proc/self").exists():  # no /proc (not Linux): trust the pid
+            return True
+    return any(folder in part for part in _cmdline(pid))
 
 
 def _recorded(home: Path, name: str, entry: Mapping[str, Any]) -> ServerProcess:
