@@ -127,7 +127,9 @@ class Settings:
     stream_max_bytes: int = _key(
         2 * 1024**3, "JetStream QUOTES keeps at most this many bytes (oldest dropped first)"
     )
-    persist_consumer: str = _key("sow-persist", "durable JetStream consumer shared by `sow persist`")
+    persist_consumer: str = _key(
+        "sow-persist", "durable JetStream consumer shared by `sow persist`"
+    )
     persist_batch_rows: int = _key(5000, "rows per QuestDB write (flush when reached)")
     persist_flush_ms: int = _key(250, "flush a partial batch after this many milliseconds")
     # --- sow backfill ----------------------------------------------------------------------
@@ -253,8 +255,19 @@ def _check(key: str, value: Any) -> Any:
         return norm
     if key == "max_retries" and value < 0:
         raise ValueError("must be 0 (forever) or more")
-    if key in ("publish_buffer", "cache_history_max", "cache_timeseries_days", "cache_flush_ms",
-               "stream_max_bytes", "persist_batch_rows", "persist_flush_ms") and value < 1:
+    if (
+        key
+        in (
+            "publish_buffer",
+            "cache_history_max",
+            "cache_timeseries_days",
+            "cache_flush_ms",
+            "stream_max_bytes",
+            "persist_batch_rows",
+            "persist_flush_ms",
+        )
+        and value < 1
+    ):
         raise ValueError("must be at least 1")
     if isinstance(value, float) and key.endswith("_seconds") and value <= 0:
         raise ValueError("must be greater than 0")
@@ -276,7 +289,9 @@ def _unknown_key(key: str, source: str) -> ConfigError:
     return ConfigError(f"{source}: unknown key '{key}'{hint}")
 
 
-def config_path(explicit: str | Path | None, environ: Mapping[str, str] | None = None) -> Path | None:
+def config_path(
+    explicit: str | Path | None, environ: Mapping[str, str] | None = None
+) -> Path | None:
     """The config file to read: explicit > $SOW_CONFIG > ./config.json (if present) > none."""
     env = os.environ if environ is None else environ
     if explicit:
@@ -297,7 +312,9 @@ def read_config_file(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+        raise ConfigError(
+            f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
+        ) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a JSON object")
     return data
@@ -356,4 +373,3 @@ __all__ = [
     "load_settings",
     "redis_url",
 ]
-

@@ -55,7 +55,7 @@ class Quote(msgspec.Struct, frozen=True, kw_only=True):
     seq: int | None = None
 
     @property
-    def key(self) -> tuple[str, str]:
+    def key(self) -> tuple[Market, str]:
         """(market, symbol): the identity of a quote stream."""
         return (self.market, self.symbol)
 

@@ -160,7 +160,9 @@ class BybitNormalizer:
         self.stats.ignored_frames += 1
         return None
 
-    def _ticker(self, market: Market, topic: str, msg: dict[str, Any], recv_us: int) -> Quote | None:
+    def _ticker(
+        self, market: Market, topic: str, msg: dict[str, Any], recv_us: int
+    ) -> Quote | None:
         data = msg.get("data")
         if not isinstance(data, dict):
             raise InvalidFrame("tickers data is not an object")

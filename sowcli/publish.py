@@ -49,9 +49,7 @@ class SourceSpec:
             return cls("simulate")
         if text.startswith("replay:") and len(text) > 7:
             return cls("replay", Path(text[7:]).expanduser())
-        raise UsageError(
-            f"--source {text!r}: expected bybit, simulate or replay:FILE"
-        )
+        raise UsageError(f"--source {text!r}: expected bybit, simulate or replay:FILE")
 
 
 def parse_speed(text: str | None) -> float | None:
@@ -67,7 +65,9 @@ def parse_speed(text: str | None) -> float | None:
     return value
 
 
-async def listed_symbols(rest_url: str, market: Market, timeout_s: float = 5.0) -> dict[str, str] | None:
+async def listed_symbols(
+    rest_url: str, market: Market, timeout_s: float = 5.0
+) -> dict[str, str] | None:
     """symbol -> status from ``/v5/market/instruments-info``, or ``None`` when unreachable."""
     out: dict[str, str] = {}
     cursor = ""
@@ -117,7 +117,9 @@ class Publisher:
         self.speed = speed
         self.markets: list[Market] = [MARKET_NAMES[m] for m in settings.markets]
         self.recorder = Recorder(record.open("ab")) if record else None
-        self.nats = NatsPublisher(settings.nats_url, buffer_max=settings.publish_buffer) if nats else None
+        self.nats = (
+            NatsPublisher(settings.nats_url, buffer_max=settings.publish_buffer) if nats else None
+        )
         all_handlers: list[QuoteHandler] = [self.nats] if self.nats else []
         all_handlers += list(handlers)
         self.feed = Feed(all_handlers, spot_book=settings.spot_book, recorder=self.recorder)
@@ -155,7 +157,9 @@ class Publisher:
             "state": "running",
             "since": self.started,
             "ts": time.time(),
-            "source": self.source.kind if self.source.kind != "replay" else f"replay:{self.source.path}",
+            "source": self.source.kind
+            if self.source.kind != "replay"
+            else f"replay:{self.source.path}",
             "simulated": self.simulated,
             "markets": markets,
             "frames_in": sum(feed.frames_in.values()),
@@ -167,7 +171,9 @@ class Publisher:
             "feed_overflow": feed.overflow_dropped,
             "handler_errors": feed.handler_errors,
             "unknown_symbols": unknown,
-            "stale_symbols": sorted(f"{m}:{s}" for (m, s), age in ages.items() if age > stale_after),
+            "stale_symbols": sorted(
+                f"{m}:{s}" for (m, s), age in ages.items() if age > stale_after
+            ),
             "last_age_s": {f"{m}:{s}": round(age, 3) for (m, s), age in ages.items()},
         }
         if self.nats is not None:
@@ -191,7 +197,9 @@ class Publisher:
                 )
             elif age <= limit and key in self._stale:
                 self._stale.discard(key)
-                log.info(f"{key[1]} {key[0]} is updating again", extra=kv(market=key[0], symbol=key[1]))
+                log.info(
+                    f"{key[1]} {key[0]} is updating again", extra=kv(market=key[0], symbol=key[1])
+                )
 
     async def _heartbeat(self) -> None:
         while True:
@@ -215,7 +223,11 @@ class Publisher:
         urls = {"SPOT": self.settings.bybit_spot_url, "FUTURES": self.settings.bybit_linear_url}
         for market in self.markets:
             self.connections[market] = BybitConnection(
-                market, urls[market], self.settings.symbols, self.feed, self.settings,
+                market,
+                urls[market],
+                self.settings.symbols,
+                self.feed,
+                self.settings,
                 recorder=self.recorder,
             )
         if self.settings.validate_symbols:
@@ -223,8 +235,11 @@ class Publisher:
         for market, conn in self.connections.items():
             if not conn.wanted_topics():
                 log.error(f"no valid symbols left on {market.lower()}", extra=kv(market=market))
-        runs = [asyncio.create_task(c.run(), name=f"bybit-{m}") for m, c in self.connections.items()
-                if c.wanted_topics()]
+        runs = [
+            asyncio.create_task(c.run(), name=f"bybit-{m}")
+            for m, c in self.connections.items()
+            if c.wanted_topics()
+        ]
         if not runs:
             raise UsageError("none of the configured symbols is listed on Bybit")
         try:
@@ -278,8 +293,16 @@ class Publisher:
             beat.cancel()
             if self.recorder is not None:
                 self.recorder.close()
-            log.info("publisher stopped", extra=kv(**{k: v for k, v in self.status().items()
-                                                     if k in ("frames_in", "quotes_out", "published")}))
+            log.info(
+                "publisher stopped",
+                extra=kv(
+                    **{
+                        k: v
+                        for k, v in self.status().items()
+                        if k in ("frames_in", "quotes_out", "published")
+                    }
+                ),
+            )
 
 
 async def run_publish(
@@ -292,6 +315,8 @@ async def run_publish(
     stop: asyncio.Event | None = None,
 ) -> Publisher:
     """Run the publish stage until ``stop`` is set (or the replay ends); returns it for its stats."""
-    pub = Publisher(settings, source=SourceSpec.parse(source), speed=speed, record=record, handlers=handlers)
+    pub = Publisher(
+        settings, source=SourceSpec.parse(source), speed=speed, record=record, handlers=handlers
+    )
     await pub.run(stop)
     return pub

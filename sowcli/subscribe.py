@@ -35,8 +35,9 @@ class LinePrinter:
     def __init__(self, out: IO[str], color: bool) -> None:
         from rich.console import Console
 
-        self.console = Console(file=out, force_terminal=color, no_color=not color, highlight=False,
-                               soft_wrap=True)
+        self.console = Console(
+            file=out, force_terminal=color, no_color=not color, highlight=False, soft_wrap=True
+        )
         self.prev: dict[tuple[str, str], float] = {}
 
     def __call__(self, q: Quote) -> None:

@@ -7,12 +7,11 @@ from pathlib import Path
 
 import pytest
 
-try:  # the server fixtures (real nats-server, redis-server, QuestDB)
-    from tests.servers import *  # noqa: F403
-except ImportError:  # pragma: no cover - while tests/servers.py is being written
-    pass
+from tests.servers import *  # noqa: F403  (real nats-server, redis-server, QuestDB)
 
-RECORDING = Path(__file__).resolve().parents[2] / "shared/data/bybit-v5-recording/bybit-2026-08-09.jsonl.gz"
+RECORDING = (
+    Path(__file__).resolve().parents[2] / "shared/data/bybit-v5-recording/bybit-2026-08-09.jsonl.gz"
+)
 SAMPLES = Path(__file__).resolve().parents[2] / "shared/reference/bybit-v5-samples.jsonl"
 
 

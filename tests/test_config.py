@@ -61,7 +61,10 @@ def test_sow_config_env_selects_the_file(tmp_path: Path) -> None:
         ({"symbols": [42]}, "key 'symbols': item 1 42 is not a string"),
         ({"max_retries": "3"}, "key 'max_retries': expected an integer"),
         ({"max_retries": -1}, "key 'max_retries': must be 0"),
-        ({"reconnect_timeout_seconds": 0}, "key 'reconnect_timeout_seconds': must be greater than 0"),
+        (
+            {"reconnect_timeout_seconds": 0},
+            "key 'reconnect_timeout_seconds': must be greater than 0",
+        ),
         ({"log_level": "LOUD"}, "key 'log_level'"),
         ({"markets": ["options"]}, "unknown market 'options'"),
         ({"symbolz": []}, "unknown key 'symbolz' (did you mean 'symbols'?)"),
@@ -93,7 +96,9 @@ def test_cli_reports_config_error_in_one_line_with_exit_code_2(tmp_path: Path) -
     path = write(tmp_path, {"max_retries": "lots"})
     proc = subprocess.run(
         [sys.executable, "-m", "sowcli", "publish", "--config", str(path)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
@@ -107,9 +112,19 @@ def test_bad_flag_value_names_the_flag(tmp_path: Path) -> None:
     import sys
 
     proc = subprocess.run(
-        [sys.executable, "-m", "sowcli", "publish", "--symbols", "BTC/USDT", "--config",
-         str(write(tmp_path, {}))],
-        capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "sowcli",
+            "publish",
+            "--symbols",
+            "BTC/USDT",
+            "--config",
+            str(write(tmp_path, {})),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 2
     assert "--symbols" in proc.stderr and "BTC/USDT" in proc.stderr

@@ -89,7 +89,9 @@ def test_delta_merges_and_absent_fields_keep_their_value() -> None:
 def test_delta_repeating_an_unchanged_field_is_harmless() -> None:
     n = BybitNormalizer()
     n.on_message("FUTURES", LINEAR_SNAPSHOT, 1)
-    q = n.on_message("FUTURES", delta(9532239500, 1760325052700, lastPrice="66666.60", bid1Price="66666.60"), 2)
+    q = n.on_message(
+        "FUTURES", delta(9532239500, 1760325052700, lastPrice="66666.60", bid1Price="66666.60"), 2
+    )
     assert q is not None and q.price == 66666.6 and q.bid == 66666.6
 
 
@@ -130,15 +132,50 @@ def test_empty_string_means_no_value() -> None:
     "frame",
     [
         {"topic": "tickers.BTCUSDT", "type": "snapshot", "ts": 1, "data": ["not", "an", "object"]},
-        {"topic": "tickers.BTCUSDT", "type": "snapshot", "ts": 1, "data": {"symbol": "BTCUSDT", "lastPrice": "abc"}},
-        {"topic": "tickers.BTCUSDT", "type": "snapshot", "ts": 1, "data": {"symbol": "BTCUSDT", "lastPrice": ""}},
-        {"topic": "tickers.BTCUSDT", "type": "snapshot", "ts": 1, "data": {"symbol": "BTCUSDT", "lastPrice": True}},
+        {
+            "topic": "tickers.BTCUSDT",
+            "type": "snapshot",
+            "ts": 1,
+            "data": {"symbol": "BTCUSDT", "lastPrice": "abc"},
+        },
+        {
+            "topic": "tickers.BTCUSDT",
+            "type": "snapshot",
+            "ts": 1,
+            "data": {"symbol": "BTCUSDT", "lastPrice": ""},
+        },
+        {
+            "topic": "tickers.BTCUSDT",
+            "type": "snapshot",
+            "ts": 1,
+            "data": {"symbol": "BTCUSDT", "lastPrice": True},
+        },
         {"topic": "tickers.BTCUSDT", "type": "snapshot", "ts": 1, "data": {"symbol": "BTCUSDT"}},
-        {"topic": "tickers.BTCUSDT", "type": "snapshot", "data": {"symbol": "BTCUSDT", "lastPrice": "1"}},
-        {"topic": "tickers.BTCUSDT", "type": "snapshot", "ts": "soon", "data": {"symbol": "BTCUSDT", "lastPrice": "1"}},
-        {"topic": "tickers.BTCUSDT", "type": "weird", "ts": 1, "data": {"symbol": "BTCUSDT", "lastPrice": "1"}},
+        {
+            "topic": "tickers.BTCUSDT",
+            "type": "snapshot",
+            "data": {"symbol": "BTCUSDT", "lastPrice": "1"},
+        },
+        {
+            "topic": "tickers.BTCUSDT",
+            "type": "snapshot",
+            "ts": "soon",
+            "data": {"symbol": "BTCUSDT", "lastPrice": "1"},
+        },
+        {
+            "topic": "tickers.BTCUSDT",
+            "type": "weird",
+            "ts": 1,
+            "data": {"symbol": "BTCUSDT", "lastPrice": "1"},
+        },
         {"topic": 42, "data": {}},
-        {"topic": "tickers.BTCUSDT", "type": "snapshot", "ts": 1, "cs": [], "data": {"symbol": "BTCUSDT", "lastPrice": "1"}},
+        {
+            "topic": "tickers.BTCUSDT",
+            "type": "snapshot",
+            "ts": 1,
+            "cs": [],
+            "data": {"symbol": "BTCUSDT", "lastPrice": "1"},
+        },
     ],
 )
 def test_malformed_frames_are_counted_never_raised(frame: dict[str, Any]) -> None:
@@ -175,8 +212,12 @@ SPOT_TICKER = {
 
 
 def book(kind: str, bids: list[list[str]], asks: list[list[str]]) -> dict[str, Any]:
-    return {"topic": "orderbook.1.BTCUSDT", "type": kind, "ts": 1,
-            "data": {"s": "BTCUSDT", "b": bids, "a": asks, "u": 1, "seq": 1}}
+    return {
+        "topic": "orderbook.1.BTCUSDT",
+        "type": kind,
+        "ts": 1,
+        "data": {"s": "BTCUSDT", "b": bids, "a": asks, "u": 1, "seq": 1},
+    }
 
 
 def test_spot_quote_has_no_futures_fields_and_takes_bid_ask_from_the_book() -> None:
@@ -207,9 +248,23 @@ def test_quote_json_roundtrip_uses_contract_field_names() -> None:
     assert q is not None
     doc = json.loads(encode_quote(q))
     assert list(doc) == [
-        "symbol", "market", "price", "volume", "turnover", "high24h", "low24h", "change24h",
-        "bid", "ask", "mark_price", "index_price", "funding_rate", "open_interest", "ts",
-        "recv_us", "seq",
+        "symbol",
+        "market",
+        "price",
+        "volume",
+        "turnover",
+        "high24h",
+        "low24h",
+        "change24h",
+        "bid",
+        "ask",
+        "mark_price",
+        "index_price",
+        "funding_rate",
+        "open_interest",
+        "ts",
+        "recv_us",
+        "seq",
     ]
     assert decode_quote(encode_quote(q)) == q
 

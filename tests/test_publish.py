@@ -107,12 +107,19 @@ async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
 
 
 async def test_quotes_flow_on_both_markets_with_spot_bid_ask(nats_server: Any) -> None:
-    async with FakeBybit(valid_symbols={"BTCUSDT", "ETHUSDT"}, auto_interval=0.02) as ex, \
-            collector(nats_server.nats_url) as c:
+    async with (
+        FakeBybit(valid_symbols={"BTCUSDT", "ETHUSDT"}, auto_interval=0.02) as ex,
+        collector(nats_server.nats_url) as c,
+    ):
         pub = Publisher(settings_for(ex, nats_server.nats_url), source=SourceSpec("bybit"))
         async with running(pub):
-            await c.wait(lambda: all(len(c.of(m, s)) >= 3 for m in ("SPOT", "FUTURES")
-                                     for s in ("BTCUSDT", "ETHUSDT")))
+            await c.wait(
+                lambda: all(
+                    len(c.of(m, s)) >= 3
+                    for m in ("SPOT", "FUTURES")
+                    for s in ("BTCUSDT", "ETHUSDT")
+                )
+            )
         spot = c.of("SPOT", "BTCUSDT")[-1]
         fut = c.of("FUTURES", "BTCUSDT")[-1]
         assert spot.bid is not None and spot.ask is not None and spot.bid < spot.ask
@@ -124,15 +131,25 @@ async def test_quotes_flow_on_both_markets_with_spot_bid_ask(nats_server: Any) -
 
 
 async def test_linear_deltas_are_merged_into_the_snapshot(nats_server: Any) -> None:
-    async with FakeBybit(valid_symbols={"BTCUSDT"}, auto=False, initial_snapshot=False) as ex, \
-            collector(nats_server.nats_url, "quotes.futures.>") as c:
+    async with (
+        FakeBybit(valid_symbols={"BTCUSDT"}, auto=False, initial_snapshot=False) as ex,
+        collector(nats_server.nats_url, "quotes.futures.>") as c,
+    ):
         s = settings_for(ex, nats_server.nats_url, symbols=["BTCUSDT"], markets=["futures"])
         pub = Publisher(s, source=SourceSpec("bybit"))
         async with running(pub):
             await ex.wait_subscribed("linear", "tickers.BTCUSDT")
             # a delta before any snapshot: dropped, never published as a partial quote
-            await ex.send("linear", {"topic": "tickers.BTCUSDT", "type": "delta", "ts": 1, "cs": 1,
-                                     "data": {"symbol": "BTCUSDT", "lastPrice": "1.0"}})
+            await ex.send(
+                "linear",
+                {
+                    "topic": "tickers.BTCUSDT",
+                    "type": "delta",
+                    "ts": 1,
+                    "cs": 1,
+                    "data": {"symbol": "BTCUSDT", "lastPrice": "1.0"},
+                },
+            )
             await ex.send_ticker_snapshot("linear", "BTCUSDT", lastPrice="100.5", markPrice="100.4")
             await ex.send_ticker_delta("linear", "BTCUSDT", lastPrice="101.0")
             await ex.send_ticker_delta("linear", "BTCUSDT", markPrice="100.9", lastPrice="101.0")
@@ -147,13 +164,18 @@ async def test_unknown_symbol_warns_once_and_the_others_flow(
     nats_server: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="sow")
-    async with FakeBybit(valid_symbols={"BTCUSDT", "ETHUSDT"}, auto_interval=0.02) as ex, \
-            collector(nats_server.nats_url) as c:
+    async with (
+        FakeBybit(valid_symbols={"BTCUSDT", "ETHUSDT"}, auto_interval=0.02) as ex,
+        collector(nats_server.nats_url) as c,
+    ):
         s = settings_for(ex, nats_server.nats_url, symbols=["BTCUSDT", "NOPEUSDT", "ETHUSDT"])
         pub = Publisher(s, source=SourceSpec("bybit"))
         async with running(pub):
-            await c.wait(lambda: all(c.of(m, sym) for m in ("SPOT", "FUTURES")
-                                     for sym in ("BTCUSDT", "ETHUSDT")))
+            await c.wait(
+                lambda: all(
+                    c.of(m, sym) for m in ("SPOT", "FUTURES") for sym in ("BTCUSDT", "ETHUSDT")
+                )
+            )
             # on linear the whole first request was rejected: the good topics were resent
             assert {"tickers.BTCUSDT", "tickers.ETHUSDT"} <= ex.subscribed("linear")
             await c.wait(lambda: any("FUTURES:NOPEUSDT" in s["unknown_symbols"] for s in c.status))
@@ -167,11 +189,18 @@ async def test_symbols_checked_against_rest_instruments_before_subscribing(
     nats_server: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="sow")
-    async with FakeBybit(valid_symbols={"BTCUSDT", "ETHUSDT"}, auto_interval=0.02) as ex, \
-            FakeBybitRest(valid_symbols={"BTCUSDT", "ETHUSDT"}) as rest, \
-            collector(nats_server.nats_url) as c:
-        s = settings_for(ex, nats_server.nats_url, symbols=["BTCUSDT", "MATICUSDT", "ETHUSDT"],
-                         validate_symbols=True, bybit_rest_url=rest.url)
+    async with (
+        FakeBybit(valid_symbols={"BTCUSDT", "ETHUSDT"}, auto_interval=0.02) as ex,
+        FakeBybitRest(valid_symbols={"BTCUSDT", "ETHUSDT"}) as rest,
+        collector(nats_server.nats_url) as c,
+    ):
+        s = settings_for(
+            ex,
+            nats_server.nats_url,
+            symbols=["BTCUSDT", "MATICUSDT", "ETHUSDT"],
+            validate_symbols=True,
+            bybit_rest_url=rest.url,
+        )
         pub = Publisher(s, source=SourceSpec("bybit"))
         async with running(pub):
             await c.wait(lambda: bool(c.of("FUTURES", "ETHUSDT")) and bool(c.of("SPOT", "ETHUSDT")))
@@ -182,8 +211,10 @@ async def test_symbols_checked_against_rest_instruments_before_subscribing(
 
 async def test_more_than_ten_spot_symbols_are_batched(nats_server: Any) -> None:
     symbols = [f"C{i:02d}USDT" for i in range(23)]
-    async with FakeBybit(valid_symbols=set(symbols), auto_interval=0.05) as ex, \
-            collector(nats_server.nats_url, "quotes.spot.>") as c:
+    async with (
+        FakeBybit(valid_symbols=set(symbols), auto_interval=0.05) as ex,
+        collector(nats_server.nats_url, "quotes.spot.>") as c,
+    ):
         s = settings_for(ex, nats_server.nats_url, symbols=symbols, markets=["spot"])
         pub = Publisher(s, source=SourceSpec("bybit"))
         async with running(pub):
@@ -194,8 +225,10 @@ async def test_more_than_ten_spot_symbols_are_batched(nats_server: Any) -> None:
 
 
 async def test_disconnect_mid_stream_reconnects_and_resubscribes(nats_server: Any) -> None:
-    async with FakeBybit(valid_symbols={"BTCUSDT"}, auto_interval=0.02) as ex, \
-            collector(nats_server.nats_url, "quotes.futures.>") as c:
+    async with (
+        FakeBybit(valid_symbols={"BTCUSDT"}, auto_interval=0.02) as ex,
+        collector(nats_server.nats_url, "quotes.futures.>") as c,
+    ):
         s = settings_for(ex, nats_server.nats_url, symbols=["BTCUSDT"], markets=["futures"])
         pub = Publisher(s, source=SourceSpec("bybit"))
         async with running(pub):
@@ -213,8 +246,14 @@ async def test_disconnect_mid_stream_reconnects_and_resubscribes(nats_server: An
 async def test_missing_pong_forces_a_reconnect(nats_server: Any) -> None:
     async with FakeBybit(valid_symbols={"BTCUSDT"}, auto_interval=0.05) as ex:
         ex.pong_enabled = False
-        s = settings_for(ex, nats_server.nats_url, symbols=["BTCUSDT"], markets=["spot"],
-                         ping_interval_seconds=0.2, pong_timeout_seconds=0.3)
+        s = settings_for(
+            ex,
+            nats_server.nats_url,
+            symbols=["BTCUSDT"],
+            markets=["spot"],
+            ping_interval_seconds=0.2,
+            pong_timeout_seconds=0.3,
+        )
         pub = Publisher(s, source=SourceSpec("bybit"))
         async with running(pub):
             await ex.wait_pings("spot", 1)
@@ -225,8 +264,13 @@ async def test_missing_pong_forces_a_reconnect(nats_server: Any) -> None:
 
 async def test_no_data_for_too_long_forces_a_reconnect(nats_server: Any) -> None:
     async with FakeBybit(valid_symbols={"BTCUSDT"}, auto=False, initial_snapshot=False) as ex:
-        s = settings_for(ex, nats_server.nats_url, symbols=["BTCUSDT"], markets=["futures"],
-                         idle_timeout_seconds=0.5)
+        s = settings_for(
+            ex,
+            nats_server.nats_url,
+            symbols=["BTCUSDT"],
+            markets=["futures"],
+            idle_timeout_seconds=0.5,
+        )
         pub = Publisher(s, source=SourceSpec("bybit"))
         async with running(pub):
             await ex.wait_connects("linear", 2, timeout=10)
@@ -234,17 +278,24 @@ async def test_no_data_for_too_long_forces_a_reconnect(nats_server: Any) -> None
 
 
 async def test_max_retries_gives_up_with_a_clear_error(nats_server: Any) -> None:
-    s = settings_for(None, nats_server.nats_url, markets=["futures"], max_retries=3,
-                     bybit_linear_url="ws://127.0.0.1:9/v5/public/linear",
-                     reconnect_timeout_seconds=0.05)
+    s = settings_for(
+        None,
+        nats_server.nats_url,
+        markets=["futures"],
+        max_retries=3,
+        bybit_linear_url="ws://127.0.0.1:9/v5/public/linear",
+        reconnect_timeout_seconds=0.05,
+    )
     pub = Publisher(s, source=SourceSpec("bybit"))
     with pytest.raises(RetriesExhausted, match="3 consecutive connection attempts failed"):
         await asyncio.wait_for(pub.run(asyncio.Event()), 30)
 
 
 async def test_malformed_frames_are_counted_and_skipped(nats_server: Any) -> None:
-    async with FakeBybit(valid_symbols={"BTCUSDT"}, auto=False, initial_snapshot=False) as ex, \
-            collector(nats_server.nats_url) as c:
+    async with (
+        FakeBybit(valid_symbols={"BTCUSDT"}, auto=False, initial_snapshot=False) as ex,
+        collector(nats_server.nats_url) as c,
+    ):
         s = settings_for(ex, nats_server.nats_url, symbols=["BTCUSDT"], markets=["futures"])
         pub = Publisher(s, source=SourceSpec("bybit"))
         async with running(pub):
@@ -254,11 +305,20 @@ async def test_malformed_frames_are_counted_and_skipped(nats_server: Any) -> Non
                 "this is not json",
                 "",
                 "[1, 2, 3]",
-                {"topic": "tickers.BTCUSDT", "type": "delta", "ts": 2, "data": {"lastPrice": ["5"]}},
+                {
+                    "topic": "tickers.BTCUSDT",
+                    "type": "delta",
+                    "ts": 2,
+                    "data": {"lastPrice": ["5"]},
+                },
                 {"topic": "tickers.BTCUSDT", "type": "delta", "ts": 3, "data": "nope"},
                 {"topic": "tickers.BTCUSDT", "type": "delta", "data": {"symbol": "BTCUSDT"}},
-                {"topic": "tickers.BTCUSDT", "type": "delta", "ts": 4,
-                 "data": {"symbol": "BTCUSDT", "lastPrice": "twelve"}},
+                {
+                    "topic": "tickers.BTCUSDT",
+                    "type": "delta",
+                    "ts": 4,
+                    "data": {"symbol": "BTCUSDT", "lastPrice": "twelve"},
+                },
             ]:
                 await ex.send("linear", bad)
             await ex.send_ticker_delta("linear", "BTCUSDT", lastPrice="11")
@@ -268,8 +328,10 @@ async def test_malformed_frames_are_counted_and_skipped(nats_server: Any) -> Non
 
 
 async def test_heartbeat_reports_connections_counters_and_ages(nats_server: Any) -> None:
-    async with FakeBybit(valid_symbols={"BTCUSDT", "ETHUSDT"}, auto_interval=0.05) as ex, \
-            collector(nats_server.nats_url) as c:
+    async with (
+        FakeBybit(valid_symbols={"BTCUSDT", "ETHUSDT"}, auto_interval=0.05) as ex,
+        collector(nats_server.nats_url) as c,
+    ):
         ex.quiet.add("ETHUSDT")  # subscribable but silent: must show up as stale
         s = settings_for(ex, nats_server.nats_url, markets=["futures"], stale_after_seconds=0.5)
         pub = Publisher(s, source=SourceSpec("bybit"))
@@ -344,15 +406,20 @@ async def test_buffer_bound_drops_oldest_and_counts(fresh_nats_server: Any) -> N
 
 async def test_record_then_replay_gives_the_same_quotes(nats_server: Any, tmp_path: Path) -> None:
     rec = tmp_path / "session.jsonl"
-    async with FakeBybit(valid_symbols={"BTCUSDT", "ETHUSDT"}, auto_interval=0.02) as ex, \
-            collector(nats_server.nats_url) as live:
-        pub = Publisher(settings_for(ex, nats_server.nats_url), source=SourceSpec("bybit"), record=rec)
+    async with (
+        FakeBybit(valid_symbols={"BTCUSDT", "ETHUSDT"}, auto_interval=0.02) as ex,
+        collector(nats_server.nats_url) as live,
+    ):
+        pub = Publisher(
+            settings_for(ex, nats_server.nats_url), source=SourceSpec("bybit"), record=rec
+        )
         async with running(pub):
             await live.wait(lambda: len(live.quotes) >= 40)
     async with collector(nats_server.nats_url) as replayed:
         n = len(live.quotes)
-        rpub = Publisher(settings_for(None, nats_server.nats_url), source=SourceSpec("replay", rec),
-                         speed=None)
+        rpub = Publisher(
+            settings_for(None, nats_server.nats_url), source=SourceSpec("replay", rec), speed=None
+        )
         await rpub.run(asyncio.Event())
         await replayed.wait(lambda: len(replayed.quotes) >= rpub.feed.normalizer.stats.quotes)
     assert len(replayed.quotes) >= n
@@ -364,12 +431,20 @@ async def test_record_then_replay_gives_the_same_quotes(nats_server: Any, tmp_pa
 
 async def test_replay_of_the_real_recording(nats_server: Any, recording: Path) -> None:
     async with collector(nats_server.nats_url) as c:
-        pub = Publisher(settings_for(None, nats_server.nats_url), source=SourceSpec("replay", recording),
-                        speed=None)
+        pub = Publisher(
+            settings_for(None, nats_server.nats_url),
+            source=SourceSpec("replay", recording),
+            speed=None,
+        )
         await pub.run(asyncio.Event())
         await c.wait(lambda: len(c.quotes) >= 839)
     assert len(c.quotes) == 4 + 754 + 81
-    assert {q.symbol for q in c.quotes if q.market == "FUTURES"} == {"BTCUSDT", "ETHUSDT", "SOLUSDT", "DOGEUSDT"}
+    assert {q.symbol for q in c.quotes if q.market == "FUTURES"} == {
+        "BTCUSDT",
+        "ETHUSDT",
+        "SOLUSDT",
+        "DOGEUSDT",
+    }
     assert {q.symbol for q in c.quotes if q.market == "SPOT"} == {"BTCUSDT", "ETHUSDT"}
     assert pub.feed.normalizer.stats.dropped_deltas == 0
 
@@ -378,7 +453,9 @@ async def test_simulated_source_is_labelled(nats_server: Any) -> None:
     async with collector(nats_server.nats_url) as c:
         pub = Publisher(settings_for(None, nats_server.nats_url), source=SourceSpec("simulate"))
         async with running(pub):
-            await c.wait(lambda: len({(q.market, q.symbol) for q in c.quotes}) == 4 and bool(c.status))
+            await c.wait(
+                lambda: len({(q.market, q.symbol) for q in c.quotes}) == 4 and bool(c.status)
+            )
         assert c.status[-1]["simulated"] is True and c.status[-1]["source"] == "simulate"
         fut = c.of("FUTURES", "BTCUSDT")
         assert fut and all(q.mark_price is not None for q in fut)
@@ -396,13 +473,25 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 async def test_sigterm_stops_publish_cleanly_and_fast(nats_server: Any, tmp_path: Path) -> None:
-    async with FakeBybit(valid_symbols={"BTCUSDT"}, auto_interval=0.02) as ex, \
-            collector(nats_server.nats_url) as c:
+    async with (
+        FakeBybit(valid_symbols={"BTCUSDT"}, auto_interval=0.02) as ex,
+        collector(nats_server.nats_url) as c,
+    ):
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "sowcli", "publish", "--symbols", "BTCUSDT",
-            stderr=asyncio.subprocess.PIPE, cwd=tmp_path,
-            env=_env(NATS_URL=nats_server.nats_url, SOW_BYBIT_SPOT_URL=ex.spot_url,
-                     SOW_BYBIT_LINEAR_URL=ex.linear_url, SOW_VALIDATE_SYMBOLS="false"),
+            sys.executable,
+            "-m",
+            "sowcli",
+            "publish",
+            "--symbols",
+            "BTCUSDT",
+            stderr=asyncio.subprocess.PIPE,
+            cwd=tmp_path,
+            env=_env(
+                NATS_URL=nats_server.nats_url,
+                SOW_BYBIT_SPOT_URL=ex.spot_url,
+                SOW_BYBIT_LINEAR_URL=ex.linear_url,
+                SOW_VALIDATE_SYMBOLS="false",
+            ),
         )
         await c.wait(lambda: len(c.quotes) >= 5, timeout=30)
         t0 = time.monotonic()
@@ -422,9 +511,18 @@ async def test_subscribe_command_filters(nats_server: Any) -> None:
 
             async def sub(*args: str) -> list[str]:
                 proc = await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "sowcli", "subscribe", *args, "--count", "8",
-                    "--nats-url", nats_server.nats_url,
-                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=_env(),
+                    sys.executable,
+                    "-m",
+                    "sowcli",
+                    "subscribe",
+                    *args,
+                    "--count",
+                    "8",
+                    "--nats-url",
+                    nats_server.nats_url,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.PIPE,
+                    env=_env(),
                 )
                 out, err = await asyncio.wait_for(proc.communicate(), 30)
                 assert proc.returncode == 0, err.decode()
@@ -444,7 +542,12 @@ async def test_subscribe_command_filters(nats_server: Any) -> None:
             assert not any(x.startswith("{") for x in lines)
 
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "sowcli", "subscribe", "BTC/USDT", stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "sowcli",
+        "subscribe",
+        "BTC/USDT",
+        stderr=asyncio.subprocess.PIPE,
         env=_env(),
     )
     _, err = await proc.communicate()
@@ -453,11 +556,21 @@ async def test_subscribe_command_filters(nats_server: Any) -> None:
 
 async def test_publish_exits_nonzero_with_one_line_when_retries_run_out(nats_server: Any) -> None:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "sowcli", "publish", "--markets", "futures",
+        sys.executable,
+        "-m",
+        "sowcli",
+        "publish",
+        "--markets",
+        "futures",
         stderr=asyncio.subprocess.PIPE,
-        env=_env(NATS_URL=nats_server.nats_url, SOW_BYBIT_LINEAR_URL="ws://127.0.0.1:9/x",
-                 SOW_VALIDATE_SYMBOLS="0", SOW_MAX_RETRIES="2", SOW_RECONNECT_TIMEOUT_SECONDS="0.1",
-                 SOW_LOG_LEVEL="ERROR"),
+        env=_env(
+            NATS_URL=nats_server.nats_url,
+            SOW_BYBIT_LINEAR_URL="ws://127.0.0.1:9/x",
+            SOW_VALIDATE_SYMBOLS="0",
+            SOW_MAX_RETRIES="2",
+            SOW_RECONNECT_TIMEOUT_SECONDS="0.1",
+            SOW_LOG_LEVEL="ERROR",
+        ),
     )
     _, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 3

@@ -119,8 +119,12 @@ async def connect(
             return nc
         except (OSError, TimeoutError, nats.errors.Error) as exc:
             if attempts and tried >= attempts:
-                raise UpstreamError(f"NATS at {url} is unreachable: {exc or type(exc).__name__}") from None
-            log.warning("nats unreachable, retrying", extra=kv(url=url, attempt=tried, error=str(exc)))
+                raise UpstreamError(
+                    f"NATS at {url} is unreachable: {exc or type(exc).__name__}"
+                ) from None
+            log.warning(
+                "nats unreachable, retrying", extra=kv(url=url, attempt=tried, error=str(exc))
+            )
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 5.0)
 
@@ -246,7 +250,9 @@ class NatsPublisher:
         deadline = time.monotonic() + timeout_s
         if self._task is not None:
             try:
-                await asyncio.wait_for(asyncio.shield(self._task), timeout=max(0.05, timeout_s * 0.6))
+                await asyncio.wait_for(
+                    asyncio.shield(self._task), timeout=max(0.05, timeout_s * 0.6)
+                )
             except TimeoutError:
                 self._task.cancel()
         if self._connect_task is not None and not self._connect_task.done():
@@ -260,9 +266,7 @@ class NatsPublisher:
                 await asyncio.wait_for(self.nc.close(), timeout=0.5)
         if self._buffer:
             self.stats.dropped += len(self._buffer)
-            log.warning(
-                "quotes not published at shutdown", extra=kv(count=len(self._buffer))
-            )
+            log.warning("quotes not published at shutdown", extra=kv(count=len(self._buffer)))
             self._buffer.clear()
 
 

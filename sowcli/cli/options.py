@@ -19,22 +19,31 @@ ConfigOpt = Annotated[
     ),
 ]
 LogLevelOpt = Annotated[
-    str | None, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.", show_default=False)
+    str | None,
+    typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.", show_default=False),
 ]
 LogFormatOpt = Annotated[
     str | None, typer.Option("--log-format", help="kv (default) or json.", show_default=False)
 ]
 NatsUrlOpt = Annotated[
     str | None,
-    typer.Option("--nats-url", help="NATS URL (env NATS_URL; default nats://localhost:4222).", show_default=False),
+    typer.Option(
+        "--nats-url",
+        help="NATS URL (env NATS_URL; default nats://localhost:4222).",
+        show_default=False,
+    ),
 ]
 SymbolsOpt = Annotated[
     str | None,
-    typer.Option("--symbols", "-s", help="Comma-separated symbols, e.g. BTCUSDT,ETHUSDT.", show_default=False),
+    typer.Option(
+        "--symbols", "-s", help="Comma-separated symbols, e.g. BTCUSDT,ETHUSDT.", show_default=False
+    ),
 ]
 MarketsOpt = Annotated[
     str | None,
-    typer.Option("--markets", "-m", help="Comma-separated markets: spot,futures.", show_default=False),
+    typer.Option(
+        "--markets", "-m", help="Comma-separated markets: spot,futures.", show_default=False
+    ),
 ]
 FormatOpt = Annotated[
     str, typer.Option("--format", "-f", help="Output format: table, json or csv.")

@@ -35,22 +35,31 @@ def command(
     source: Annotated[
         str,
         typer.Option(
-            "--source", help="bybit (live), simulate, or replay:FILE (a --record file or a .jsonl.gz)."
+            "--source",
+            help="bybit (live), simulate, or replay:FILE (a --record file or a .jsonl.gz).",
         ),
     ] = "bybit",
     speed: Annotated[
         str,
-        typer.Option("--speed", help="Replay pace: a factor of the recorded pace (1 = real time) or max."),
+        typer.Option(
+            "--speed", help="Replay pace: a factor of the recorded pace (1 = real time) or max."
+        ),
     ] = "1",
     record: Annotated[
         Path | None,
-        typer.Option("--record", help="Append every raw frame with its receive time to FILE (JSON lines).",
-                     show_default=False),
+        typer.Option(
+            "--record",
+            help="Append every raw frame with its receive time to FILE (JSON lines).",
+            show_default=False,
+        ),
     ] = None,
     spot_book: Annotated[
         bool | None,
-        typer.Option("--spot-book/--no-spot-book", help="Fill SPOT bid/ask from orderbook.1 (default on).",
-                     show_default=False),
+        typer.Option(
+            "--spot-book/--no-spot-book",
+            help="Fill SPOT bid/ask from orderbook.1 (default on).",
+            show_default=False,
+        ),
     ] = None,
     config: ConfigOpt = None,
     log_level: LogLevelOpt = None,
@@ -61,9 +70,16 @@ def command(
     from sowcli.runtime import run_until_signal
 
     settings = settings_from(
-        config, symbols=symbols, markets=markets, nats_url=nats_url, spot_book=spot_book,
-        log_level=log_level, log_format=log_format,
+        config,
+        symbols=symbols,
+        markets=markets,
+        nats_url=nats_url,
+        spot_book=spot_book,
+        log_level=log_level,
+        log_format=log_format,
     )
     setup(settings)
-    pub = Publisher(settings, source=SourceSpec.parse(source), speed=parse_speed(speed), record=record)
+    pub = Publisher(
+        settings, source=SourceSpec.parse(source), speed=parse_speed(speed), record=record
+    )
     run_until_signal(pub.run)

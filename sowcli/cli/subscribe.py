@@ -18,15 +18,24 @@ EPILOG = (
 
 
 def command(
-    symbol: Annotated[str | None, typer.Argument(help="Symbol, e.g. BTCUSDT (default: all).",
-                                                 show_default=False)] = None,
-    market: Annotated[str | None, typer.Option("--market", help="spot or futures (default: both).",
-                                               show_default=False)] = None,
-    subject: Annotated[str | None, typer.Option("--subject", help="A raw NATS subject/wildcard instead.",
-                                                show_default=False)] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line (for jq).")] = False,
-    count: Annotated[int | None, typer.Option("--count", "-n", min=1, help="Exit after N messages.",
-                                              show_default=False)] = None,
+    symbol: Annotated[
+        str | None, typer.Argument(help="Symbol, e.g. BTCUSDT (default: all).", show_default=False)
+    ] = None,
+    market: Annotated[
+        str | None,
+        typer.Option("--market", help="spot or futures (default: both).", show_default=False),
+    ] = None,
+    subject: Annotated[
+        str | None,
+        typer.Option("--subject", help="A raw NATS subject/wildcard instead.", show_default=False),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON object per line (for jq).")
+    ] = False,
+    count: Annotated[
+        int | None,
+        typer.Option("--count", "-n", min=1, help="Exit after N messages.", show_default=False),
+    ] = None,
     nats_url: NatsUrlOpt = None,
     config: ConfigOpt = None,
     log_level: LogLevelOpt = None,
@@ -38,5 +47,6 @@ def command(
     settings = settings_from(config, nats_url=nats_url, log_level=log_level)
     setup(settings)
     subj = subject_for(symbol, market, subject)
-    run_until_signal(lambda stop: run_subscribe(settings.nats_url, subj, as_json=as_json, count=count,
-                                                stop=stop))
+    run_until_signal(
+        lambda stop: run_subscribe(settings.nats_url, subj, as_json=as_json, count=count, stop=stop)
+    )

@@ -65,7 +65,7 @@ class ConnectionStats:
     pongs: int = 0
 
 
-class _Listener(WSListener):  # type: ignore[misc]
+class _Listener(WSListener):
     def __init__(self, conn: BybitConnection) -> None:
         self.conn = conn
         self._parts: list[bytes] = []
@@ -252,7 +252,9 @@ class BybitConnection:
                 error = f"internal error: {exc!r}"
             if self._stop.is_set():
                 break
-            healthy = self.last_data_mono >= started and time.monotonic() - started >= HEALTHY_SESSION_S
+            healthy = (
+                self.last_data_mono >= started and time.monotonic() - started >= HEALTHY_SESSION_S
+            )
             attempt = 1 if healthy else attempt + 1
             self.stats.failures_in_row = 0 if healthy else attempt
             self.stats.last_error = error
@@ -268,7 +270,9 @@ class BybitConnection:
             delay = 0.0 if healthy else self._backoff(attempt)
             log.warning(
                 "bybit connection lost, reconnecting",
-                extra=kv(market=self.market, error=error, retry_in_s=round(delay, 2), attempt=attempt),
+                extra=kv(
+                    market=self.market, error=error, retry_in_s=round(delay, 2), attempt=attempt
+                ),
             )
             self.stats.state = "reconnecting"
             self.stats.since = time.time()
@@ -279,7 +283,7 @@ class BybitConnection:
     def _backoff(self, attempt: int) -> float:
         from tenacity import RetryCallState
 
-        state = RetryCallState(None, None, (), {})
+        state = RetryCallState(None, None, (), {})  # type: ignore[arg-type]  # only attempt_number is read
         state.attempt_number = attempt
         return float(self._wait(state))
 
@@ -326,7 +330,9 @@ class BybitConnection:
         while True:
             stop = asyncio.ensure_future(self._stop.wait())
             down = asyncio.ensure_future(self._disconnected.wait())
-            done, _ = await asyncio.wait({stop, down}, timeout=tick, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                {stop, down}, timeout=tick, return_when=asyncio.FIRST_COMPLETED
+            )
             for f in (stop, down):
                 if not f.done():
                     f.cancel()

@@ -166,7 +166,9 @@ class Feed:
             try:
                 await handler.stop()
             except Exception as exc:
-                log.error("handler stop failed", extra=kv(handler=type(handler).__name__, error=repr(exc)))
+                log.error(
+                    "handler stop failed", extra=kv(handler=type(handler).__name__, error=repr(exc))
+                )
 
     async def _run(self) -> None:
         queue = self._queue

@@ -19,6 +19,7 @@ import asyncio
 import gzip
 import logging
 import time
+import typing
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -58,7 +59,7 @@ def _market_of(text: str) -> Market | None:
 def _open(path: Path) -> IO[bytes]:
     try:
         if path.suffix == ".gz":
-            return gzip.open(path, "rb")
+            return typing.cast(IO[bytes], gzip.open(path, "rb"))
         return path.open("rb")
     except FileNotFoundError:
         raise UsageError(f"{path}: replay file not found") from None
@@ -75,7 +76,9 @@ def read_events(path: Path) -> Iterator[tuple[str, str, float, bytes]]:
             try:
                 doc = orjson.loads(line)
             except orjson.JSONDecodeError:
-                log.warning("replay: skipped a line that is not JSON", extra=kv(file=str(path), line=lineno))
+                log.warning(
+                    "replay: skipped a line that is not JSON", extra=kv(file=str(path), line=lineno)
+                )
                 continue
             if not isinstance(doc, dict):
                 continue

@@ -91,8 +91,16 @@ def _walks(symbols: Sequence[str], rng: random.Random) -> dict[str, _Walk]:
     out = {}
     for sym in symbols:
         p = base_price(sym) * (1 + rng.uniform(-0.01, 0.01))
-        out[sym] = _Walk(sym, p, p * (1 - rng.uniform(-0.03, 0.03)), p * 1.01, p * 0.99,
-                         rng.uniform(1e3, 1e5), rng.randint(10**9, 10**10), rng.uniform(1e4, 1e6))
+        out[sym] = _Walk(
+            sym,
+            p,
+            p * (1 - rng.uniform(-0.03, 0.03)),
+            p * 1.01,
+            p * 0.99,
+            rng.uniform(1e3, 1e5),
+            rng.randint(10**9, 10**10),
+            rng.uniform(1e4, 1e6),
+        )
     return out
 
 

@@ -41,7 +41,9 @@ def quote_line(q: Quote, prev: float | None = None) -> Text:
     line.append(f"{q.symbol:<10} ", "bold")
     line.append(f"{fmt_price(q.price):>14} {arrow}", style)
     chg = q.change24h
-    line.append(f" {fmt_pct(chg):>8}", "green" if (chg or 0) > 0 else "red" if (chg or 0) < 0 else "dim")
+    line.append(
+        f" {fmt_pct(chg):>8}", "green" if (chg or 0) > 0 else "red" if (chg or 0) < 0 else "dim"
+    )
     if q.bid is not None or q.ask is not None:
         line.append(f"  bid {fmt_price(q.bid)} ask {fmt_price(q.ask)}", "dim")
     if q.volume is not None:
