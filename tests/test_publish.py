@@ -362,13 +362,13 @@ async def test_nats_restart_under_a_running_publisher_loses_nothing(fresh_nats_s
             await ex.send_ticker_snapshot("linear", "BTCUSDT", lastPrice="100")
             assert pub.nats is not None
             await until(lambda: pub.nats is not None and pub.nats.stats.published == 1)
-            fresh_nats_server.stop()
+            await asyncio.to_thread(fresh_nats_server.stop)
             await until(lambda: pub.nats is not None and not pub.nats.connected)
             for i in range(50):
                 await ex.send_ticker_delta("linear", "BTCUSDT", lastPrice=f"{101 + i}")
             await until(lambda: pub.feed.normalizer.stats.quotes == 51)
             assert pub.nats.buffered == 50
-            fresh_nats_server.restart()
+            await asyncio.to_thread(fresh_nats_server.restart)
             await until(lambda: pub.nats is not None and pub.nats.stats.published == 51, 30)
             assert pub.nats.stats.dropped == 0
             assert ex.connects["linear"] == 1  # the exchange side never reconnected
@@ -393,7 +393,7 @@ async def test_buffer_bound_drops_oldest_and_counts(fresh_nats_server: Any) -> N
         async with running(pub):
             await ex.wait_subscribed("linear", "tickers.BTCUSDT")
             await until(lambda: pub.nats is not None and pub.nats.connected)
-            fresh_nats_server.stop()
+            await asyncio.to_thread(fresh_nats_server.stop)
             await until(lambda: pub.nats is not None and not pub.nats.connected)
             await ex.send_ticker_snapshot("linear", "BTCUSDT", lastPrice="1")
             for i in range(24):
@@ -401,7 +401,7 @@ async def test_buffer_bound_drops_oldest_and_counts(fresh_nats_server: Any) -> N
             await until(lambda: pub.feed.normalizer.stats.quotes == 25)
             assert pub.nats is not None
             assert pub.nats.buffered == 10 and pub.nats.stats.dropped == 15
-            fresh_nats_server.restart()
+            await asyncio.to_thread(fresh_nats_server.restart)
 
 
 async def test_record_then_replay_gives_the_same_quotes(nats_server: Any, tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ import sys
 import typer
 
 from sowcli import __version__
-from sowcli.cli import publish, subscribe
+from sowcli.cli import infra, publish, subscribe
 
 app = typer.Typer(
     name="sow",
@@ -51,6 +51,7 @@ def _root(
 
 app.command("publish", epilog=publish.EPILOG)(publish.command)
 app.command("subscribe", epilog=subscribe.EPILOG)(subscribe.command)
+app.add_typer(infra.app, name="infra")
 
 
 def main() -> None:
