@@ -330,9 +330,7 @@ class BybitConnection:
         while True:
             stop = asyncio.ensure_future(self._stop.wait())
             down = asyncio.ensure_future(self._disconnected.wait())
-            await asyncio.wait(
-                {stop, down}, timeout=tick, return_when=asyncio.FIRST_COMPLETED
-            )
+            await asyncio.wait({stop, down}, timeout=tick, return_when=asyncio.FIRST_COMPLETED)
             for f in (stop, down):
                 if not f.done():
                     f.cancel()
