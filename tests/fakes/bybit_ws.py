@@ -21,7 +21,6 @@ of the benchmarks: see :func:`main`.
 """
 
 # The wait_* helpers take a ``timeout`` argument on purpose: it is the convenient test API.
-# ruff: noqa: ASYNC109
 
 from __future__ import annotations
 
