@@ -594,6 +594,21 @@ async def newest_candle(
     return value if isinstance(value, datetime) else None
 
 
+async def wal_lag(db: Database, table: str) -> int | None:
+    """Committed WAL transactions of ``table`` that QuestDB has not applied yet (None: no such
+    table). Raises UpstreamError when the table is suspended: it would never catch up."""
+    sql = "SELECT suspended, writerTxn, sequencerTxn FROM wal_tables() WHERE name = %s"
+    res = await fetch(db, sql, (table,))
+    if not res.rows:
+        return None
+    suspended, writer_txn, sequencer_txn = res.rows[0]
+    if suspended:
+        raise UpstreamError(
+            f"QuestDB table {table} is suspended and applies no writes (ALTER TABLE {table} RESUME WAL)"
+        )
+    return int(sequencer_txn) - int(writer_txn)
+
+
 __all__ = [
     "CANDLE_COLUMNS",
     "MAX_BUCKETS",
@@ -621,5 +636,6 @@ __all__ = [
     "open_pool",
     "sql",
     "stats",
+    "wal_lag",
     "with_connection",
 ]
