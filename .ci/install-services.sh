@@ -18,7 +18,7 @@ log() { printf 'install-services: %s\n' "$*"; }
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
 
 missing=()
-for pkg in redis-server tmux chromium; do
+for pkg in redis-server tmux chromium docker-compose; do
   installed "$pkg" || missing+=("$pkg")
 done
 command -v mvn >/dev/null 2>&1 || missing+=(maven)
