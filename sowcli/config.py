@@ -132,6 +132,9 @@ class Settings:
     )
     persist_batch_rows: int = _key(5000, "rows per QuestDB write (flush when reached)")
     persist_flush_ms: int = _key(250, "flush a partial batch after this many milliseconds")
+    persist_ack_wait_seconds: float = _key(
+        30.0, "JetStream ack wait: messages of a crashed `sow persist` are redelivered after this"
+    )
     # --- sow backfill ----------------------------------------------------------------------
     backfill_requests_per_second: float = _key(
         20.0, "client-side REST rate limit (Bybit allows 600 per 5 s per IP)"

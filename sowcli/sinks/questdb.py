@@ -3,10 +3,31 @@
 ``market_data`` holds every Quote (the seed's columns first, then the Quote's other fields);
 ``candles`` holds klines backfilled from Bybit REST. Both are WAL tables partitioned by day with
 DEDUP UPSERT keys, so a redelivered batch or a rerun backfill replaces rows instead of duplicating
-them.
+them. :func:`ensure_tables` creates both at start (over the PostgreSQL wire, ``questdb_url``).
+
+Writes go over ILP/HTTP (``questdb_http_url``) through :class:`QuestDBWriter`: one HTTP request
+per batch, one transaction each; a failed request leaves the batch in its buffer so the caller
+can retry it before acknowledging anything upstream.
 """
 
 from __future__ import annotations
+
+import asyncio
+import contextlib
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlsplit, urlunsplit
+
+from questdb import QuestDBError, Sender, TimestampNanos
+
+from sowcli.errors import ConfigError, UpstreamError
+from sowcli.model import Quote
+
+with warnings.catch_warnings():  # the legacy module path is the documented home of Buffer
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from questdb.ingress import Buffer
+
+_Buffer = Buffer
 
 MARKET_DATA_DDL = """
 CREATE TABLE IF NOT EXISTS market_data (
@@ -46,3 +67,186 @@ CREATE TABLE IF NOT EXISTS candles (
 ) TIMESTAMP(timestamp) PARTITION BY DAY WAL
 DEDUP UPSERT KEYS(timestamp, symbol, market, interval)
 """
+
+
+# --- schema --------------------------------------------------------------------------------
+
+TABLES_DDL = (MARKET_DATA_DDL, CANDLES_DDL)
+
+
+def ensure_tables(questdb_url: str, timeout_s: float = 10.0) -> None:
+    """Create ``market_data`` and ``candles`` when missing (synchronous; PostgreSQL wire).
+
+    Idempotent (``CREATE TABLE IF NOT EXISTS``). Raises :class:`UpstreamError` naming the URL
+    when QuestDB is unreachable or refuses the DDL. Async callers run it in a thread.
+    """
+    import psycopg
+
+    try:
+        with psycopg.connect(questdb_url, autocommit=True, connect_timeout=max(1, int(timeout_s))) as conn:
+            for ddl in TABLES_DDL:
+                conn.execute(ddl)
+    except psycopg.Error as exc:
+        raise UpstreamError(
+            f"QuestDB at {_redact(questdb_url)}: cannot create tables: {_first_line(exc)}"
+        ) from None
+
+
+def _redact(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+# --- ILP/HTTP writer -----------------------------------------------------------------------
+
+
+def ilp_conf(http_url: str) -> str:
+    """``http://host:9000`` -> the client's configuration string (``https`` keeps TLS).
+
+    Auto-flush is off (we flush whole batches ourselves) and the client's own retries are short:
+    the caller keeps the batch and retries with its own backoff.
+    """
+    raw = http_url if "://" in http_url else f"http://{http_url}"
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"questdb_http_url {http_url!r}: expected http://HOST:PORT")
+    port = parts.port or 9000
+    conf = f"{parts.scheme}::addr={parts.hostname}:{port};auto_flush=off;retry_timeout=1000;"
+    if parts.username:
+        conf += f"username={parts.username};password={parts.password or ''};"
+    return conf
+
+
+def add_quote(buffer: Buffer, quote: Quote, table: str = "market_data") -> None:
+    """Append one Quote as a row: ``symbol``/``market`` symbols, the other fields as columns.
+
+    The designated timestamp is the exchange event time ``quote.ts`` (never server time), so a
+    redelivered quote lands on the same DEDUP keys. ``None`` values are skipped (NULL).
+    """
+    buffer.row(
+        table,
+        symbols={"symbol": quote.symbol, "market": quote.market},
+        columns={
+            "price": quote.price,
+            "volume": quote.volume,
+            "high24h": quote.high24h,
+            "low24h": quote.low24h,
+            "change24h": quote.change24h,
+            "turnover": quote.turnover,
+            "bid": quote.bid,
+            "ask": quote.ask,
+            "mark_price": quote.mark_price,
+            "index_price": quote.index_price,
+            "funding_rate": quote.funding_rate,
+            "open_interest": quote.open_interest,
+            "seq": quote.seq,
+            "recv_us": quote.recv_us,
+        },
+        at=TimestampNanos(quote.ts * 1_000_000),
+    )
+
+
+class QuestDBWriter:
+    """Writes ILP buffers to QuestDB over HTTP from one dedicated thread.
+
+    The ``questdb`` Sender is not thread-safe, so it lives in a single worker thread: it is
+    created, used and closed there only. The event loop fills :class:`Buffer` objects (plain
+    memory, handed over whole) and awaits :meth:`write`, which keeps the buffer intact when
+    the write fails (``flush(buffer, clear=False)``): the caller retries with the same rows and
+    acknowledges its source only after a write returned. Each HTTP request is one transaction.
+    """
+
+    def __init__(self, http_url: str, *, init_buf_rows: int = 5000) -> None:
+        self.http_url = http_url
+        self.conf = ilp_conf(http_url)
+        self.init_buf_size = max(64 * 1024, init_buf_rows * 240)
+        self.protocol_version: int | None = None
+        self._sender: Sender | None = None
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sow-questdb")
+        self._free: list[Buffer] = []
+
+    # --- runs in the writer thread ---
+    def _open(self) -> int:
+        if self._sender is None:
+            sender = Sender.from_conf(self.conf)
+            try:
+                sender.establish()  # type: ignore[no-untyped-call]
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    sender.close(flush=False)
+                raise
+            self._sender = sender
+        return int(self._sender.protocol_version)
+
+    def _write(self, buffer: Buffer) -> None:
+        self._open()
+        assert self._sender is not None
+        try:
+            self._sender.flush(buffer, clear=False)
+        except BaseException:
+            # A fresh sender next time: the failed one may hold a broken connection.
+            sender, self._sender = self._sender, None
+            with contextlib.suppress(Exception):
+                sender.close(flush=False)
+            raise
+
+    def _close(self) -> None:
+        if self._sender is not None:
+            with contextlib.suppress(Exception):
+                self._sender.close(flush=False)
+            self._sender = None
+
+    # --- called from the event loop ---
+    async def open(self) -> None:
+        """Connect (the HTTP client asks the server for its protocol version): raises when down."""
+        try:
+            version = await asyncio.get_running_loop().run_in_executor(self._thread, self._open)
+        except QuestDBError as exc:
+            raise UpstreamError(f"QuestDB at {self.http_url}: {_first_line(exc)}") from None
+        if self.protocol_version is not None and version != self.protocol_version:
+            self._free.clear()  # buffers of the old protocol version are not reusable
+        self.protocol_version = version
+
+    def new_buffer(self) -> Buffer:
+        """A cleared buffer of the server's protocol version (recycled through :meth:`release`)."""
+        if self._free:
+            return self._free.pop()
+        if self.protocol_version is None:
+            raise RuntimeError("QuestDBWriter.open() first")
+        return _Buffer(protocol_version=self.protocol_version, init_buf_size=self.init_buf_size)
+
+    def release(self, buffer: Buffer) -> None:
+        buffer.clear()  # type: ignore[no-untyped-call]
+        if len(self._free) < 8:
+            self._free.append(buffer)
+
+    async def write(self, buffer: Buffer) -> None:
+        """Send ``buffer`` as one HTTP request; the rows stay in it when this raises."""
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._thread, self._write, buffer)
+        except QuestDBError as exc:
+            raise UpstreamError(f"QuestDB at {self.http_url}: {_first_line(exc)}") from None
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.get_running_loop().run_in_executor(self._thread, self._close)
+        self._thread.shutdown(wait=False)
+
+
+__all__ = [
+    "CANDLES_DDL",
+    "MARKET_DATA_DDL",
+    "Buffer",
+    "QuestDBWriter",
+    "add_quote",
+    "ensure_tables",
+    "ilp_conf",
+]
