@@ -7,7 +7,7 @@ interval)`` make a rerun replace rows instead of adding them).
 
 - *Range*: ``start`` (``--from``), else right after the newest stored candle of that symbol,
   market and interval (resume), else the last :data:`DEFAULT_CANDLES` candles; ``end``
-  (``--to``, exclusive) defaults to now.
+  (``--to``, exclusive) defaults to Bybit's clock (``/v5/market/time``, one request).
 - *Paging*: fixed windows of :data:`PAGE_CANDLES` candles (``start``/``end`` inclusive on Bybit's
   side, ``limit=1000``), so a page can never be cut short; rows are de-duplicated on their start
   time and kept only inside the window.
@@ -39,7 +39,7 @@ import logging
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
@@ -49,7 +49,7 @@ from tenacity import (
     AsyncRetrying,
     retry_if_exception_type,
     stop_after_attempt,
-    wait_exponential_jitter,
+    wait_random_exponential,
 )
 
 from sowcli import __version__, query
@@ -65,6 +65,7 @@ log = logging.getLogger("sow.backfill")
 logging.getLogger("httpx").setLevel(logging.WARNING)
 
 KLINE_PATH = "/v5/market/kline"
+TIME_PATH = "/v5/market/time"
 CATEGORY: dict[str, str] = {"SPOT": "spot", "FUTURES": "linear"}
 PAGE_CANDLES = 1000
 DEFAULT_CANDLES = 1000
@@ -211,20 +212,7 @@ class KlineClient:
             "end": str(end_ms),
             "limit": str(PAGE_CANDLES),
         }
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(self.attempts),
-            wait=wait_exponential_jitter(initial=self.retry_initial_s, max=self.retry_max_s),
-            retry=retry_if_exception_type(_Retryable),
-            reraise=True,
-        )
-        try:
-            async for attempt in retrying:
-                with attempt:
-                    doc = await self._get(symbol, params)
-        except _Retryable as exc:
-            raise SymbolFailed(
-                f"{symbol}: Bybit kept failing after {self.attempts} attempts: {exc}"
-            ) from None
+        doc = await self._get_retrying(symbol, KLINE_PATH, params)
         result = doc.get("result") or {}
         rows = result.get("list") if isinstance(result, dict) else None
         if not isinstance(rows, list):
@@ -238,11 +226,38 @@ class KlineClient:
         server_ms = doc.get("time")
         return candles, int(server_ms) if isinstance(server_ms, int) else int(time.time() * 1000)
 
-    async def _get(self, symbol: str, params: dict[str, str]) -> dict[str, Any]:
+    async def server_time_ms(self) -> int:
+        """Bybit's clock (``/v5/market/time``): the default end of a backfill, so that a skewed
+        local clock neither asks for candles from the future nor misses closed ones."""
+        doc = await self._get_retrying("Bybit", TIME_PATH, {})
+        server_ms = doc.get("time")
+        if not isinstance(server_ms, int):
+            raise UpstreamError("Bybit /v5/market/time answered without a time")
+        return server_ms
+
+    async def _get_retrying(self, symbol: str, path: str, params: dict[str, str]) -> dict[str, Any]:
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self.attempts),
+            # "full jitter": a random wait up to initial × 2^attempt, capped at retry_max_s
+            wait=wait_random_exponential(multiplier=self.retry_initial_s, max=self.retry_max_s),
+            retry=retry_if_exception_type(_Retryable),
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    return await self._get(symbol, path, params)
+        except _Retryable as exc:
+            raise SymbolFailed(
+                f"{symbol}: Bybit kept failing after {self.attempts} attempts: {exc}"
+            ) from None
+        raise AssertionError("unreachable")  # pragma: no cover - reraise=True
+
+    async def _get(self, symbol: str, path: str, params: dict[str, str]) -> dict[str, Any]:
         await self.limiter.acquire()
         self.requests += 1
         try:
-            resp = await self.http.get(KLINE_PATH, params=params)
+            resp = await self.http.get(path, params=params)
         except httpx.TimeoutException as exc:
             raise _Retryable(f"timeout ({type(exc).__name__})") from None
         except httpx.TransportError as exc:
@@ -473,9 +488,8 @@ async def backfill_klines(
             f"backfill_requests_per_second {rate:g}: must be above 0 and at most "
             f"{MAX_REQUESTS_PER_SECOND:g} (Bybit bans an IP above 600 requests per 5 s)"
         )
-    end_dt = end or datetime.now(UTC)
-    if start is not None and start >= end_dt:
-        raise UsageError(f"--from {iso(start)} must be before --to {iso(end_dt)}")
+    if start is not None and end is not None and start >= end:
+        raise UsageError(f"--from {iso(start)} must be before --to {iso(end)}")
     progress = progress or NoProgress()
     await ensure_table(settings.questdb_url, CANDLES_DDL)
     limiter = TokenBucket(rate)
@@ -488,8 +502,17 @@ async def backfill_klines(
         ) as http,
         IlpWriter(settings.questdb_http_url) as writer,
     ):
-        db = await query.connect(settings.questdb_url)
         client = KlineClient(http, limiter, attempts=attempts, retry_initial_s=retry_initial_s)
+        if end is not None:
+            end_dt = end
+        else:
+            try:
+                end_dt = from_epoch_ms(await client.server_time_ms())
+            except SymbolFailed as exc:
+                raise UpstreamError(f"cannot read Bybit's clock: {exc}") from None
+            if start is not None and start >= end_dt:
+                raise UsageError(f"--from {iso(start)} is not before Bybit's time {iso(end_dt)}")
+        db = await query.connect(settings.questdb_url)
 
         async def one(symbol: str) -> SymbolReport:
             async with gate:

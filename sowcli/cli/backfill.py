@@ -154,7 +154,7 @@ def command(
     import contextlib
 
     from sowcli.errors import UsageError
-    from sowcli.timeparse import parse_kline_interval, time_range
+    from sowcli.timeparse import parse_kline_interval, parse_time, time_range
 
     settings = settings_from(
         config,
@@ -189,16 +189,11 @@ def command(
         from sowcli.backfill import backfill_klines
 
         iv = parse_kline_interval(interval, param="--interval")
-        begin = end_dt = None
-        if start is not None or end is not None:
-            rng = time_range(
-                start,
-                end,
-                default_span=timedelta(milliseconds=iv.ms * 1000),
-                params=("--from", "--to"),
-            )
-            begin = rng.start if start is not None else None
-            end_dt = rng.end
+        # --to defaults to Bybit's clock (read by the library), not this machine's
+        begin = parse_time(start, param="--from") if start is not None else None
+        end_dt = parse_time(end, param="--to") if end is not None else None
+        if begin is not None and end_dt is not None:
+            time_range(begin, end_dt, default_span=timedelta(0), params=("--from", "--to"))
         report = asyncio.run(
             backfill_klines(
                 settings,
