@@ -40,7 +40,7 @@ QuestdbUrlOpt = Annotated[
     str | None,
     typer.Option(
         "--questdb-url",
-        help="QuestDB PG-wire URL (env QUESTDB_URL; default postgres://admin:quest@localhost:8812/qdb).",
+        help="QuestDB PG-wire URL (env QUESTDB_URL; default postgres://...@localhost:8812/qdb).",
         show_default=False,
     ),
 ]
