@@ -488,3 +488,68 @@ async def test_from_cache_moves_history_and_timeseries_once(
     again = await backfill_from_cache(settings, symbols=[sym], market="spot")
     assert again.streams == 1
     assert await asyncio.to_thread(rows) == first  # DEDUP: nothing duplicated
+
+
+async def test_cli_from_cache(
+    questdb_server: ServerProcess,
+    redis_server: ServerProcess,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import redis.asyncio as aioredis
+
+    sym = "CACHEBUSDT"
+    day = datetime(2024, 2, 2, tzinfo=UTC)
+    quotes = [quote(sym, "FUTURES", day + timedelta(seconds=i), 7.0 + i, 10 + i) for i in range(4)]
+    client = aioredis.from_url(redis_server.redis_url)
+    try:
+        await client.lpush(f"history:futures:{sym}", *[encode_quote(q) for q in quotes])
+    finally:
+        await client.aclose()
+    env = {
+        "DRAGONFLY_URL": redis_server.redis_url,
+        "QUESTDB_URL": questdb_server.questdb_url,
+        "QUESTDB_HTTP_URL": questdb_server.questdb_http_url,
+    }
+    args = ["backfill", "--from-cache", "--symbol", sym, "--market", "futures", "--no-progress"]
+    code, _, err = await asyncio.to_thread(run_sow, monkeypatch, capsys, args, env)
+    assert code == 0, err
+    assert "copied 4 quotes of 1 streams" in err
+    count = await asyncio.to_thread(
+        questdb_query, questdb_server, f"SELECT count() FROM market_data WHERE symbol = '{sym}'"
+    )
+    assert count == [[4]]
+
+
+@pytest.mark.parametrize(
+    ("text", "name", "code"),
+    [
+        ("1", "1m", "1"),
+        ("1m", "1m", "1"),
+        ("60", "1h", "60"),
+        ("1h", "1h", "60"),
+        ("4H", "4h", "240"),
+        ("720", "12h", "720"),
+        ("D", "1d", "D"),
+        ("1d", "1d", "D"),
+        ("W", "1w", "W"),
+        ("M", "1M", "M"),
+        ("1M", "1M", "M"),
+        ("1mo", "1M", "M"),
+    ],
+)
+def test_kline_intervals(text: str, name: str, code: str) -> None:
+    from sowcli.timeparse import parse_kline_interval
+
+    interval = parse_kline_interval(text)
+    assert (interval.name, interval.code) == (name, code)
+
+
+def test_month_candles_follow_the_calendar() -> None:
+    month = KLINE_INTERVALS["1M"]
+    dec = to_epoch_ms(datetime(2024, 12, 1, tzinfo=UTC))
+    assert from_epoch_ms(month.next_start(dec)) == datetime(2025, 1, 1, tzinfo=UTC)
+    with pytest.raises(UsageError, match="not a Bybit kline interval"):
+        from sowcli.timeparse import parse_kline_interval
+
+        parse_kline_interval("m")
