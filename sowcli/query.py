@@ -202,7 +202,9 @@ _WRITE_WORDS = frozenset(
     )
 )
 _TOKEN_RE = re.compile(
-    r"""--[^\n]*|/\*.*?(?:\*/|\Z)|'(?:[^']|'')*(?:'|\Z)|"(?:[^"]|"")*(?:"|\Z)|(;)|([A-Za-z_]\w*)""",
+    r"(?P<comment>--[^\n]*|/\*.*?(?:\*/|\Z))"
+    r"""|(?P<quoted>'(?:[^']|'')*(?:'|\Z)|"(?:[^"]|"")*(?:"|\Z))"""
+    r"|(?P<semi>;)|(?P<word>[A-Za-z_]\w*)|(?P<other>\S)",
     re.DOTALL,
 )
 
@@ -217,33 +219,34 @@ def check_read_only(text: str) -> str:
     """
     words: list[str] = []
     statements = 0
-    pending = False
+    pending = False  # content seen since the last ';'
     last_semicolon = -1
     for match in _TOKEN_RE.finditer(text):
-        if match.group(1):
-            if pending:
-                statements += 1
+        kind = match.lastgroup
+        if kind == "semi":
+            statements += pending
             pending = False
             last_semicolon = match.start()
-        elif match.group(2):
+        elif kind == "word":
             pending = True
-            words.append(match.group(2).lower())
-    if pending:
-        statements += 1
+            words.append(match.group().lower())
+        elif kind != "comment":
+            pending = True
+    statements += pending
     if statements == 0:
         raise UsageError('sql: empty query (e.g. sow query sql "SELECT count() FROM market_data")')
     if statements > 1:
         raise UsageError(f"sql: one statement at a time, found {statements} separated by ';'")
-    if words[0] not in _READ_ONLY_FIRST:
+    if not words or words[0] not in _READ_ONLY_FIRST:
         raise UsageError(
-            f"sql: only read-only queries are allowed (SELECT, WITH, SHOW, EXPLAIN), "
-            f"not {words[0].upper()}"
+            "sql: only read-only queries are allowed (SELECT, WITH, SHOW, EXPLAIN), "
+            f"not {words[0].upper() if words else text.strip()[:20]!r}"
         )
     writes = sorted({w.upper() for w in words if w in _WRITE_WORDS})
     if writes:
         raise UsageError(f"sql: only read-only queries are allowed; found {', '.join(writes)}")
-    if last_semicolon >= 0 and not text[last_semicolon + 1 :].strip():
-        text = text[:last_semicolon]  # the one trailing ';'
+    if not pending and last_semicolon >= 0:
+        text = text[:last_semicolon]  # the statement ended with ';' (then comments, if any)
     return text.strip()
 
 
