@@ -1,8 +1,8 @@
 """``sow backfill``: Bybit REST klines -> QuestDB ``candles``; Dragonfly quotes -> ``market_data``.
 
 **Klines** (:func:`backfill_klines`): ``GET /v5/market/kline`` for each symbol, oldest window first,
-written over ILP/HTTP into ``candles`` (created at start from
-:data:`~sowcli.sinks.questdb.CANDLES_DDL`; its DEDUP keys ``(timestamp, symbol, market,
+written over ILP/HTTP into ``candles`` (created at start with
+:func:`~sowcli.sinks.questdb.ensure_tables`; its DEDUP keys ``(timestamp, symbol, market,
 interval)`` make a rerun replace rows instead of adding them).
 
 - *Range*: ``start`` (``--from``), else right after the newest stored candle of that symbol,
@@ -41,7 +41,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
-from urllib.parse import urlsplit
 
 import httpx
 import psycopg
@@ -57,7 +56,7 @@ from sowcli.config import Settings
 from sowcli.errors import ExchangeBanned, SowError, UpstreamError, UsageError
 from sowcli.logs import kv
 from sowcli.model import Market, Quote
-from sowcli.sinks.questdb import CANDLES_DDL, MARKET_DATA_DDL
+from sowcli.sinks.questdb import add_quote, ensure_tables, ilp_conf
 from sowcli.timeparse import KlineInterval, from_epoch_ms, iso, to_epoch_ms
 
 log = logging.getLogger("sow.backfill")
@@ -287,29 +286,6 @@ class KlineClient:
 # --- QuestDB -------------------------------------------------------------------------------
 
 
-def sender_conf(http_url: str) -> str:
-    """``http://host:9000`` -> the ``questdb`` client's ``http::addr=host:9000;`` (https kept)."""
-    parts = urlsplit(http_url if "://" in http_url else f"http://{http_url}")
-    scheme = "https" if parts.scheme == "https" else "http"
-    port = parts.port or (443 if scheme == "https" else 9000)
-    conf = f"{scheme}::addr={parts.hostname or 'localhost'}:{port};auto_flush=off;"
-    if parts.username:
-        conf += f"username={parts.username};password={parts.password or ''};"
-    return conf
-
-
-async def ensure_table(questdb_url: str, ddl: str) -> None:
-    """Create a table from its DDL (``CREATE TABLE IF NOT EXISTS``) before any ILP write, so that
-    ILP does not invent the schema."""
-    conn = await query.connect(questdb_url)
-    try:
-        await conn.execute(ddl)
-    except psycopg.Error as exc:
-        raise UpstreamError(f"cannot create QuestDB table: {str(exc).splitlines()[0]}") from None
-    finally:
-        await conn.close()
-
-
 class IlpWriter:
     """One ``questdb`` Sender over ILP/HTTP, flushed in a worker thread, one flush at a time."""
 
@@ -317,7 +293,7 @@ class IlpWriter:
         from questdb.ingress import Sender
 
         self.http_url = http_url
-        self._sender = Sender.from_conf(sender_conf(http_url))
+        self._sender = Sender.from_conf(ilp_conf(http_url))
         self._lock = asyncio.Lock()
         self._open = False
 
@@ -491,7 +467,7 @@ async def backfill_klines(
     if start is not None and end is not None and start >= end:
         raise UsageError(f"--from {iso(start)} must be before --to {iso(end)}")
     progress = progress or NoProgress()
-    await ensure_table(settings.questdb_url, CANDLES_DDL)
+    await asyncio.to_thread(ensure_tables, settings.questdb_url)
     limiter = TokenBucket(rate)
     report = BackfillReport()
     gate = asyncio.Semaphore(max(1, concurrency))
@@ -560,36 +536,12 @@ class CacheReport:
     keys: int = 0
 
 
-_QUOTE_FLOATS = (
-    "price",
-    "volume",
-    "high24h",
-    "low24h",
-    "change24h",
-    "turnover",
-    "bid",
-    "ask",
-    "mark_price",
-    "index_price",
-    "funding_rate",
-    "open_interest",
-)
-
-
 def _quote_rows(quotes: Sequence[Quote]) -> Any:
-    from questdb.ingress import TimestampNanos
+    """Rows laid out exactly as ``sow persist`` writes them (same columns, same DEDUP keys)."""
 
     def fill(buffer: Any) -> None:
         for q in quotes:
-            columns: dict[str, Any] = {name: getattr(q, name) for name in _QUOTE_FLOATS}
-            columns["seq"] = q.seq
-            columns["recv_us"] = q.recv_us
-            buffer.row(
-                "market_data",
-                symbols={"symbol": q.symbol, "market": q.market},
-                columns=columns,
-                at=TimestampNanos(q.ts * 1_000_000),
-            )
+            add_quote(buffer, q)
 
     return fill
 
@@ -620,7 +572,7 @@ async def backfill_from_cache(
     wanted_markets = {query.check_market(market, param="--market").lower()} if market else None
     wanted_symbols = {query.check_symbol(s, param="--symbol") for s in symbols} if symbols else None
     progress = progress or NoProgress()
-    await ensure_table(settings.questdb_url, MARKET_DATA_DDL)
+    await asyncio.to_thread(ensure_tables, settings.questdb_url)
     report = CacheReport()
     client = aioredis.from_url(redis_url(settings.dragonfly_url), socket_timeout=10)
     try:
@@ -709,6 +661,4 @@ __all__ = [
     "TokenBucket",
     "backfill_from_cache",
     "backfill_klines",
-    "ensure_table",
-    "sender_conf",
 ]
