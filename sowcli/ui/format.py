@@ -49,3 +49,31 @@ def quote_line(q: Quote, prev: float | None = None) -> Text:
     if q.volume is not None:
         line.append(f"  vol {q.volume:,.2f}", "dim")
     return line
+
+
+def fmt_compact(value: float | None) -> str:
+    """Large amounts in a few characters: ``1.23B``, ``456.7M``, ``12.3K``, ``950``."""
+    if value is None:
+        return "-"
+    a = abs(value)
+    for limit, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if a >= limit:
+            scaled = value / limit
+            return f"{scaled:.2f}{suffix}" if abs(scaled) < 100 else f"{scaled:.1f}{suffix}"
+    return f"{value:.0f}" if a >= 10 else f"{value:.2f}"
+
+
+def fmt_age(seconds: float | None) -> str:
+    """An age in at most five characters: ``0.3s``, ``12s``, ``4m``, ``3h``, ``2d``."""
+    if seconds is None:
+        return "-"
+    s = max(0.0, seconds)
+    if s < 10:
+        return f"{s:.1f}s"
+    if s < 60:
+        return f"{s:.0f}s"
+    if s < 3600:
+        return f"{s // 60:.0f}m"
+    if s < 86400:
+        return f"{s // 3600:.0f}h"
+    return f"{s // 86400:.0f}d"
