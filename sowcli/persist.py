@@ -4,8 +4,8 @@
 promise (ARCHITECTURE.md, "Delivery semantics"):
 
 1. JetStream holds every published quote (stream ``QUOTES``) until a ``persist`` process acks it.
-2. Quotes are pulled from the shared durable consumer (:mod:`sowcli.bus.jetstream` says why pull
-   and how acks stay safe with several processes), decoded, validated and appended to an ILP
+2. Quotes are pulled from the shared durable consumer (:mod:`sowcli.bus.jetstream` says why a
+   pull consumer with explicit acks, by measurement), decoded, validated and appended to an ILP
    buffer. A batch is written when it reaches ``persist_batch_rows`` rows or when its first row is
    ``persist_flush_ms`` old; the next batch fills while the previous one is being written.
 3. A batch is acked only after QuestDB accepted it (one HTTP request = one transaction). A failed
@@ -15,8 +15,8 @@ promise (ARCHITECTURE.md, "Delivery semantics"):
    unacked messages are redelivered after ``persist_ack_wait_seconds``; and duplicates none: the
    DEDUP UPSERT keys ``(timestamp, symbol, market, seq)`` make a rewritten row replace itself.
    The row timestamp is the exchange event time ``ts`` from the quote, never the server's clock.
-4. A payload that is not a valid Quote is counted, logged, skipped and acked with its batch (it
-   could never be written: retrying it would block the consumer for ever).
+4. A payload that is not a valid Quote is counted, logged, skipped and terminated (``+TERM``)
+   with its batch: it could never be written, and redelivering it would only repeat that.
 5. On stop the current batch is written and acked, then the connections close. When QuestDB is
    down at that moment the stage gives up after ``SHUTDOWN_GRACE_S`` without acking: the quotes
    stay in JetStream for the next start.
@@ -39,19 +39,16 @@ import orjson
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
 
 from sowcli.bus.jetstream import (
-    CumulativeAcks,
+    IN_PROGRESS,
+    TERM,
     PullConsumer,
-    RunBuilder,
-    ack_floor,
     consumer_lag,
     ensure_persist_consumer,
     ensure_quotes_stream,
-    missing_from_stream,
-    stream_seq,
+    send_acks,
 )
 from sowcli.bus.nats import connect, status_subject
 from sowcli.config import Settings
@@ -73,16 +70,18 @@ _QUOTE_ERRORS = (msgspec.ValidationError, msgspec.DecodeError, ValueError, Overf
 class Batch:
     """Rows on their way to QuestDB and the JetStream messages they came from."""
 
-    __slots__ = ("buffer", "invalid", "messages", "replies", "rows", "runs", "started")
+    __slots__ = ("buffer", "invalid", "replies", "rows", "started")
 
     def __init__(self, buffer: Buffer) -> None:
         self.buffer = buffer
         self.rows = 0
-        self.invalid = 0
-        self.messages = 0
-        self.replies: list[str] = []
-        self.runs = RunBuilder()
+        self.replies: list[str] = []  # acked once the rows are written
+        self.invalid: list[str] = []  # terminated with the batch
         self.started = time.monotonic()
+
+    @property
+    def messages(self) -> int:
+        return len(self.replies) + len(self.invalid)
 
 
 class Persister:
@@ -96,7 +95,6 @@ class Persister:
         self.started = time.time()
         self.state = "starting"
         self.questdb_state = "unknown"
-        self.ack_policy = "all"
         # counters
         self.rows_total = 0
         self.messages_total = 0
@@ -118,16 +116,14 @@ class Persister:
         self.js: JetStreamContext | None = None
         self.writer = QuestDBWriter(settings.questdb_http_url, init_buf_rows=self.batch_rows)
         self.pull: PullConsumer | None = None
-        self.acks = CumulativeAcks()
-        self._explicit = False
-        self._batch: Batch | None = None
+        self._batch: Batch | None = None  # filling
+        self._writing: Batch | None = None  # being written (and retried)
         self._sealed: list[Batch] = []
         self._in_hand = 0  # messages received and not yet written (or given up)
         self._work = asyncio.Event()
         self._draining = False
         self._abandon = asyncio.Event()
         self._last_progress_signal = time.monotonic()
-        self._floor_task: asyncio.Task[None] | None = None
         self._consumer_task: asyncio.Task[None] | None = None
 
     # --- status ------------------------------------------------------------------------------
@@ -140,7 +136,6 @@ class Persister:
             "ts": time.time(),
             "stream": self.settings.stream_name,
             "consumer": self.settings.persist_consumer,
-            "ack_policy": self.ack_policy,
             "questdb": self.questdb_state,
             "nats_connected": bool(self.nc is not None and self.nc.is_connected),
             "rows_total": self.rows_total,
@@ -155,7 +150,6 @@ class Persister:
             "last_flush_ms": self.last_flush_ms,
             "last_flush_rows": self.last_flush_rows,
             "in_hand": self._in_hand,
-            "acks_held": self.acks.held,
             "acks_sent": self.acks_sent,
             "lag": dict(self.lag),
         }
@@ -194,31 +188,24 @@ class Persister:
         batch = self._batch
         if batch is None:
             batch = self._batch = Batch(self.writer.new_buffer())
-        reply = msg.reply
-        try:
-            seq = stream_seq(reply)
-        except (ValueError, IndexError):  # not a JetStream delivery: nothing to ack
-            log.warning("message without a JetStream ack subject", extra=kv(reply=reply))
-            return
-        batch.messages += 1
         self._in_hand += 1
-        batch.replies.append(reply)
-        batch.runs.add(seq, reply)
         try:
             quote = decode_quote(msg.data)
             if not MIN_TS_MS <= quote.ts <= MAX_TS_MS:
                 raise ValueError(f"ts {quote.ts} is not an event time in ms")
             add_quote(batch.buffer, quote)
-            batch.rows += 1
         except _QUOTE_ERRORS as exc:
-            batch.invalid += 1
+            batch.invalid.append(msg.reply)
             self.invalid += 1
             if self.invalid <= 10 or self.invalid % 1000 == 0:
                 log.warning(
                     "invalid quote payload skipped",
-                    extra=kv(subject=msg.subject, seq=seq, error=str(exc)[:200], invalid_total=self.invalid),
+                    extra=kv(subject=msg.subject, error=str(exc)[:200], invalid_total=self.invalid),
                 )
-        if batch.messages >= self.batch_rows:
+        else:
+            batch.replies.append(msg.reply)
+            batch.rows += 1
+        if batch.rows + len(batch.invalid) >= self.batch_rows:
             self._seal()
 
     def _seal(self) -> None:
@@ -229,9 +216,16 @@ class Persister:
 
     # --- writing -----------------------------------------------------------------------------
     async def _interruptible_sleep(self, seconds: float) -> None:
-        await self._signal_progress()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._abandon.wait(), timeout=seconds)
+        """tenacity's sleep: ends early when we give up; keeps held messages from redelivery."""
+        deadline = time.monotonic() + seconds
+        step = self.settings.persist_ack_wait_seconds / 3
+        while not self._abandon.is_set():
+            await self._signal_progress()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._abandon.wait(), timeout=min(left, step))
 
     async def _signal_progress(self) -> None:
         """While a write is retried, tell JetStream the held messages are being worked on."""
@@ -242,11 +236,10 @@ class Persister:
         nc = self.nc
         if nc is None or not nc.is_connected:
             return
-        batches = [*self._sealed, *([self._batch] if self._batch else [])]
+        batches = [b for b in (self._writing, *self._sealed, self._batch) if b is not None]
         with contextlib.suppress(Exception):
             for batch in batches:
-                for reply in batch.replies:
-                    await nc.publish(reply, b"+WPI")
+                await send_acks(nc, batch.replies, IN_PROGRESS)
 
     def _on_write_error(self, state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
@@ -264,7 +257,7 @@ class Persister:
 
     def _retrying(self) -> AsyncRetrying:
         return AsyncRetrying(
-            wait=wait_exponential_jitter(initial=0.1, max=5.0),
+            wait=wait_exponential_jitter(multiplier=0.1, max=5.0, jitter=0.2),
             retry=retry_if_exception_type((UpstreamError, OSError)),
             stop=lambda _state: self._abandon.is_set(),
             sleep=self._interruptible_sleep,
@@ -304,46 +297,14 @@ class Persister:
         nc = self.nc
         assert nc is not None
         try:
-            if self._explicit:
-                for reply in batch.replies:
-                    await nc.publish(reply)
-                self.acks_sent += len(batch.replies)
-                return
-            self.acks.add(batch.runs.runs)
-            for reply in self.acks.ready():
-                await nc.publish(reply)
-                self.acks_sent += 1
+            await send_acks(nc, batch.replies)
+            await send_acks(nc, batch.invalid, TERM)
+            self.acks_sent += batch.messages
         except Exception as exc:  # an ack that does not reach the server means a redelivery
             self.errors += 1
             self.last_error = f"ack: {exc!r}"
-            log.warning("could not ack; the batch will be redelivered (harmless)", extra=kv(error=repr(exc)))
-        if self.acks.first_gap is not None and (self._floor_task is None or self._floor_task.done()):
-            self._floor_task = asyncio.create_task(self._wait_floor(), name="persist-ack-floor")
-
-    async def _wait_floor(self) -> None:
-        """Held runs wait for the sequences below them to be acked by someone (or vanish)."""
-        js, nc = self.js, self.nc
-        assert js is not None and nc is not None
-        stream, consumer = self.settings.stream_name, self.settings.persist_consumer
-        ack_wait = self.settings.persist_ack_wait_seconds
-        while self.acks.first_gap is not None:
-            await asyncio.sleep(0.25)
-            try:
-                self.acks.raise_floor(await ack_floor(js, stream, consumer))
-                blocked = self.acks.blocked_since
-                if blocked is not None and time.monotonic() - blocked > ack_wait:
-                    # Below us nothing moved for a whole ack_wait: skip sequences that no
-                    # longer exist in the stream (deleted by hand), they will never be acked.
-                    gap = self.acks.first_gap
-                    probes = 0
-                    while gap is not None and probes < 1000 and await missing_from_stream(js, stream, gap):
-                        self.acks.raise_floor(gap)
-                        gap, probes = gap + 1, probes + 1
-                for reply in self.acks.ready():
-                    await nc.publish(reply)
-                    self.acks_sent += 1
-            except Exception as exc:
-                log.debug("ack floor check failed", extra=kv(error=repr(exc)))
+            log.warning("could not ack; the batch will be redelivered (harmless)",
+                        extra=kv(error=repr(exc)))
 
     def _done_with(self, batch: Batch) -> None:
         self._in_hand -= batch.messages
@@ -370,11 +331,12 @@ class Persister:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._work.wait(), timeout=timeout)
                 continue
-            batch = self._sealed.pop(0)
+            batch = self._writing = self._sealed.pop(0)
             if not await self._write(batch):
                 self._sealed.clear()
-                self._batch = None
+                self._batch = self._writing = None
                 return
+            self._writing = None
             await self._ack(batch)
             self._done_with(batch)
             self._last_progress_signal = time.monotonic()
@@ -394,13 +356,12 @@ class Persister:
     async def _recreate_consumer(self) -> None:
         assert self.js is not None
         try:
-            info = await ensure_persist_consumer(self.js, self.settings)
+            await ensure_persist_consumer(self.js, self.settings)
         except Exception as exc:
             log.error("cannot recreate the JetStream consumer", extra=kv(error=str(exc)))
             return
         log.warning("JetStream consumer was deleted; recreated it",
                     extra=kv(consumer=self.settings.persist_consumer))
-        self.acks = CumulativeAcks(int(info.ack_floor.stream_seq) if info.ack_floor else 0)
 
     async def _wait_questdb(self, stop: asyncio.Event) -> bool:
         """Create the tables and open the writer, retrying until QuestDB answers or stop."""
@@ -435,10 +396,7 @@ class Persister:
         try:
             self.js = js = nc.jetstream(timeout=5.0)
             await ensure_quotes_stream(js, settings)
-            info = await ensure_persist_consumer(js, settings)
-            self._explicit = info.config.ack_policy != AckPolicy.ALL
-            self.ack_policy = "explicit" if self._explicit else "all"
-            self.acks = CumulativeAcks(int(info.ack_floor.stream_seq) if info.ack_floor else 0)
+            await ensure_persist_consumer(js, settings)
             self.state = "waiting_questdb"
             beat = asyncio.create_task(self._heartbeat(), name="persist-heartbeat")
             if not await self._wait_questdb(stop):
@@ -447,7 +405,7 @@ class Persister:
             log.info(
                 "persisting quotes",
                 extra=kv(stream=settings.stream_name, consumer=settings.persist_consumer,
-                         ack_policy=self.ack_policy, batch_rows=self.batch_rows,
+                         batch_rows=self.batch_rows,
                          flush_ms=settings.persist_flush_ms, questdb=settings.questdb_http_url),
             )
             self.pull = PullConsumer(
@@ -480,7 +438,7 @@ class Persister:
                     await asyncio.wait_for(flusher, timeout=5.0)
             except Exception as exc:
                 log.error("persist flush failed at shutdown", extra=kv(error=repr(exc)))
-        for task in (self._floor_task, self._consumer_task, beat):
+        for task in (self._consumer_task, beat):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -6,42 +6,41 @@ The stream captures ``quotes.>`` on file storage, bounded by age and bytes (olde
 
 The durable consumer (``persist_consumer``) is shared by every ``sow persist`` process.
 
-Design: pull consumer, cumulative acks made safe for a shared consumer
------------------------------------------------------------------------
-Measured on the 2-core development box with nats-server co-located (nats-py 2.16, uvloop, 300k
-pre-filled quotes, five interleaved rounds, median; client CPU in brackets)::
+Design: pull consumer, explicit acks written in bulk
+----------------------------------------------------
+Bare consume + ack loops measured on the 2-core development box, nats-server co-located (nats-py
+2.16, uvloop, 200-300k pre-filled quotes, interleaved rounds, median; client CPU in brackets; the
+box was shared with other work, so wall figures vary by +-30 %, the CPU figures much less)::
 
-    push + callback, AckAll every 5,000              ~115-150k msg/s  (~190k msg/CPU-s)
-    push + deliver group, explicit ack per message   ~ 77k msg/s      (~125k msg/CPU-s)
-    pull, raw NEXT requests, explicit ack per msg    ~ 67k msg/s      (~137k msg/CPU-s)
-    pull, raw NEXT requests, one AckAll per batch    ~115k msg/s      (~180k msg/CPU-s)
-    pull, nats-py ``fetch(5000)``                    ~ 27k msg/s
+    push + callback, one AckAll every 5,000           ~115-150k msg/s  (~190k msg/CPU-s)
+    push + deliver group, msg.ack() per message        ~ 77k msg/s      (~125k msg/CPU-s)
+    pull, own NEXT requests, nc.publish ack per msg    ~ 60k msg/s      (~135k msg/CPU-s)
+    pull, own NEXT requests, acks written in bulk      ~ 64k msg/s      (~177k msg/CPU-s)
+    pull, own NEXT requests, one AckAll per batch      ~ 75k msg/s      (~188k msg/CPU-s)
+    pull, nats-py ``fetch(5000)``                      ~ 27k msg/s
 
-An explicit ack is one more NATS message per quote for the client *and* the server (which shares
-the machine), so per-message acks cost a third of the throughput. ``fetch()`` is slow because of
-how nats-py awaits each message with a timeout; sending the pull requests ourselves
-(``$JS.API.CONSUMER.MSG.NEXT``) on a callback subscription costs nothing extra.
+AckAll is the cheapest, but it acknowledges every pending message below the acked one - also
+those another ``persist`` process holds and has not written yet: a crash of that process would
+then lose them. We tried making AckAll safe (ack a run only when every lower sequence is already
+acked): it is correct, but JetStream hands the messages of one consumer to its waiting pull
+requests one by one in turn, so with two processes every other message belongs to the other one
+and acks could only advance one message per ack-floor check. So acks are **explicit, one per
+message** - correct and fully parallel with any number of processes - and :func:`send_acks`
+writes a whole batch's acks as one buffer, which brings their client cost close to AckAll's.
 
-So the consumer is a **pull** consumer driven by :class:`PullConsumer` (we request only what we can
-hold: memory stays bounded, nothing is dropped as a "slow consumer", and a QuestDB outage simply
-stops the pulling) with ``ack_policy=all``. AckAll of stream sequence *n* acks every pending
-message up to *n*, including messages another ``persist`` process holds and has not written yet,
-so it is only sent when it is provably safe (:class:`CumulativeAcks`): a process acks the end of a
-*run* of consecutive stream sequences that it has written, and only once every sequence below the
-run is acknowledged (the consumer's ack floor, known locally from our own acks or read from the
-server). One process alone always satisfies that at once (its batches are consecutive); with
-several, a process whose run sits above another's unfinished range waits for that range to be
-acked (or redelivered to someone after ``ack_wait``) - correctness never depends on the number
-of processes. A sequence that no longer exists in the stream (deleted by hand) counts as acked
-once it has been missing for ``ack_wait``.
+The consumer is a **pull** consumer driven by :class:`PullConsumer`: we request only what we can
+hold (memory stays bounded, nothing is dropped as a "slow consumer", a QuestDB outage simply stops
+the pulling), and several processes share it natively. nats-py's ``fetch()`` is slow because it
+awaits each message with a timeout; sending the ``$JS.API.CONSUMER.MSG.NEXT`` requests ourselves on
+a callback subscription costs nothing extra.
 
 ``ack_wait`` (``persist_ack_wait_seconds``, 30 s) is how long a crashed process's messages wait
-before redelivery. A process that retries a QuestDB write sends "in progress" for the messages it
-holds every ``ack_wait / 3``, so a long outage causes no redelivery at all, and it stops pulling
-when it holds ``4 x persist_batch_rows`` messages. ``max_ack_pending`` (``20 x batch`` = 100k)
-caps what all processes together can have unacknowledged, so even a crashed process can cause at
-most that many redeliveries per ``ack_wait``. ``max_deliver`` is unlimited: a tick is never given
-up on.
+before redelivery. A process that retries a QuestDB write sends "in progress" (``+WPI``) for the
+messages it holds every ``ack_wait / 3``, so a long outage causes no redelivery at all, and it
+stops pulling once it holds ``4 x persist_batch_rows`` messages. ``max_ack_pending``
+(``20 x persist_batch_rows`` = 100k) caps what all processes together hold unacknowledged, so a
+crash can cause at most that many redeliveries. ``max_deliver`` is unlimited: a tick is never
+given up on. Payloads that are not Quotes are terminated (``+TERM``): never redelivered.
 """
 
 from __future__ import annotations
@@ -170,13 +169,13 @@ def _stream_differs(have: StreamConfig, wanted: StreamConfig) -> bool:
 # --- consumer ------------------------------------------------------------------------------
 
 
-def consumer_config(settings: Settings, ack_policy: AckPolicy = AckPolicy.ALL) -> ConsumerConfig:
+def consumer_config(settings: Settings) -> ConsumerConfig:
     """The durable pull consumer shared by every ``sow persist`` (see the module docstring)."""
     return ConsumerConfig(
         durable_name=settings.persist_consumer,
         description="sow persist: QUOTES -> QuestDB market_data",
         deliver_policy=DeliverPolicy.ALL,
-        ack_policy=ack_policy,
+        ack_policy=AckPolicy.EXPLICIT,
         ack_wait=settings.persist_ack_wait_seconds,
         max_deliver=-1,
         max_ack_pending=20 * settings.persist_batch_rows,
@@ -185,30 +184,23 @@ def consumer_config(settings: Settings, ack_policy: AckPolicy = AckPolicy.ALL) -
     )
 
 
-async def ensure_persist_consumer(
-    js: JetStreamContext, settings: Settings, ack_policy: AckPolicy = AckPolicy.ALL
-) -> ConsumerInfo:
-    """Create the durable consumer or update its limits; returns its info.
-
-    An existing consumer keeps its ack policy (JetStream cannot change it): a consumer created
-    with ``explicit`` acks works too, with one ack per message.
-    """
+async def ensure_persist_consumer(js: JetStreamContext, settings: Settings) -> ConsumerInfo:
+    """Create the durable consumer or update its limits (ack wait, max ack pending); its info."""
     stream, name = settings.stream_name, settings.persist_consumer
+    wanted = consumer_config(settings)
     try:
         try:
             have: ConsumerInfo = await js.consumer_info(stream, name)
         except nats.js.errors.NotFoundError:
-            info: ConsumerInfo = await js.add_consumer(stream, consumer_config(settings, ack_policy))
-            log.info("jetstream consumer created", extra=kv(stream=stream, consumer=name,
-                                                           ack_policy=str(ack_policy.value)))
+            info: ConsumerInfo = await js.add_consumer(stream, wanted)
+            log.info("jetstream consumer created", extra=kv(stream=stream, consumer=name))
             return info
-        if have.config.deliver_subject:
+        if have.config.deliver_subject or have.config.ack_policy != AckPolicy.EXPLICIT:
             raise UpstreamError(
-                f"JetStream consumer {name} on {stream} is a push consumer; sow persist needs a "
-                f"pull consumer: delete it (nats consumer rm {stream} {name}) or set "
-                "persist_consumer to another name"
+                f"JetStream consumer {name} on {stream} is not a pull consumer with explicit acks "
+                f"(the only kind several sow persist processes can share safely): delete it "
+                f"(nats consumer rm {stream} {name}) or set persist_consumer to another name"
             )
-        wanted = consumer_config(settings, have.config.ack_policy or ack_policy)
         if (
             have.config.ack_wait != wanted.ack_wait
             or have.config.max_ack_pending != wanted.max_ack_pending
@@ -219,111 +211,39 @@ async def ensure_persist_consumer(
             return updated
         return have
     except nats.js.errors.APIError as exc:
-        raise UpstreamError(f"JetStream consumer {name} on {stream}: {exc.description or exc}") from None
+        raise UpstreamError(
+            f"JetStream consumer {name} on {stream}: {exc.description or exc}"
+        ) from None
 
 
 # --- acks ----------------------------------------------------------------------------------
 
+ACK = b""
+TERM = b"+TERM"
+IN_PROGRESS = b"+WPI"
 
-def stream_seq(reply: str) -> int:
-    """The stream sequence of a JetStream message, from its ack subject.
 
-    ``$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>`` (9 tokens), or the
-    12-token form with a domain and account hash after ``$JS.ACK``.
+async def send_acks(nc: Client, replies: list[str], kind: bytes = ACK) -> None:
+    """Send one ack (``ACK``, ``TERM`` or ``IN_PROGRESS``) to each reply subject, in one write.
+
+    Each JetStream message needs its own ack message. ``nc.publish`` per ack costs ~2 µs of
+    Python each (a third of a bare consume loop); writing the ``PUB`` lines of a whole batch as
+    one buffer costs a tenth of that. The protocol lines are plain NATS ``PUB subject size``
+    (no reply, no headers). When the client lacks the internal write call (another nats-py
+    version), acks go through ``publish`` one by one: slower, same result.
     """
-    parts = reply.split(".")
-    return int(parts[5] if len(parts) == 9 else parts[7])
-
-
-class Run:
-    """Consecutive stream sequences ``start..end``; ``reply`` acks ``end``."""
-
-    __slots__ = ("end", "reply", "start")
-
-    def __init__(self, start: int, end: int, reply: str) -> None:
-        self.start, self.end, self.reply = start, end, reply
-
-    def __repr__(self) -> str:
-        return f"Run({self.start}..{self.end})"
-
-
-class RunBuilder:
-    """Collects the stream sequences of one batch as runs (cheap: one compare per message)."""
-
-    __slots__ = ("_cur", "runs")
-
-    def __init__(self) -> None:
-        self.runs: list[Run] = []
-        self._cur: Run | None = None
-
-    def add(self, seq: int, reply: str) -> None:
-        cur = self._cur
-        if cur is not None and seq == cur.end + 1:
-            cur.end = seq
-            cur.reply = reply
-        else:
-            self._cur = cur = Run(seq, seq, reply)
-            self.runs.append(cur)
-
-
-class CumulativeAcks:
-    """Decides which AckAll acks are safe on a consumer shared by several processes.
-
-    ``floor``: every stream sequence up to it is known to be acknowledged. A written run
-    ``start..end`` may be acked (AckAll ``end``) once ``start <= floor + 1``: everything below
-    is acked already and everything from ``start`` to ``end`` is ours and written. Pure logic,
-    no I/O: :meth:`add` the runs of a written batch, then send the replies :meth:`ready` returns.
-    """
-
-    def __init__(self, floor: int = 0) -> None:
-        self.floor = floor
-        self._held: list[Run] = []
-        self.blocked_since: float | None = None
-
-    @property
-    def held(self) -> int:
-        """Written messages not yet acked (counting each sequence once)."""
-        return sum(r.end - max(r.start, self.floor + 1) + 1 for r in self._held if r.end > self.floor)
-
-    @property
-    def first_gap(self) -> int | None:
-        """The lowest sequence we wait for (``floor + 1``) when a run is held, else ``None``."""
-        return self.floor + 1 if self._held else None
-
-    def add(self, runs: list[Run]) -> None:
-        self._held.extend(runs)
-
-    def raise_floor(self, floor: int) -> None:
-        if floor > self.floor:
-            self.floor = floor
-
-    def ready(self, now: float | None = None) -> list[str]:
-        """Replies to send (in order), merging runs; updates ``floor`` as if they were sent."""
-        if not self._held:
-            self.blocked_since = None
-            return []
-        self._held.sort(key=lambda r: r.start)
-        merged: list[Run] = []
-        for run in self._held:
-            last = merged[-1] if merged else None
-            if last is not None and run.start <= last.end + 1:
-                if run.end > last.end:
-                    last.end, last.reply = run.end, run.reply
-            else:
-                merged.append(Run(run.start, run.end, run.reply))
-        out: list[str] = []
-        while merged and merged[0].start <= self.floor + 1:
-            run = merged.pop(0)
-            if run.end > self.floor:
-                out.append(run.reply)
-                self.floor = run.end
-        self._held = merged
-        if merged:
-            if out or self.blocked_since is None:
-                self.blocked_since = time.monotonic() if now is None else now
-        else:
-            self.blocked_since = None
-        return out
+    if not replies or nc.is_closed:
+        return
+    send = getattr(nc, "_send_command", None)
+    flush = getattr(nc, "_flush_pending", None)
+    if send is None or flush is None:
+        for reply in replies:
+            await nc.publish(reply, kind)
+        return
+    size = len(kind)
+    tail = f" {size}\r\n".encode() + kind + b"\r\n"
+    await send(b"".join([b"PUB " + reply.encode() + tail for reply in replies]))
+    await flush()
 
 
 # --- pull loop -----------------------------------------------------------------------------
@@ -467,23 +387,6 @@ class PullConsumer:
             await self.top_up()
 
 
-async def ack_floor(js: JetStreamContext, stream: str, consumer: str) -> int:
-    """The consumer's ack floor (stream sequence): everything up to it is acknowledged."""
-    info = await js.consumer_info(stream, consumer, timeout=2.0)
-    return int(info.ack_floor.stream_seq) if info.ack_floor else 0
-
-
-async def missing_from_stream(js: JetStreamContext, stream: str, seq: int) -> bool:
-    """True when stream sequence ``seq`` does not exist (deleted, or older than the stream)."""
-    try:
-        await js.get_msg(stream, seq)
-    except nats.js.errors.NotFoundError:
-        return True
-    except nats.js.errors.APIError as exc:
-        return exc.err_code == 10037  # "no message found"
-    return False
-
-
 def consumer_lag(info: ConsumerInfo) -> dict[str, Any]:
     """The lag figures of a heartbeat from a consumer info."""
     return {
@@ -497,16 +400,14 @@ def consumer_lag(info: ConsumerInfo) -> dict[str, Any]:
 
 
 __all__ = [
-    "CumulativeAcks",
+    "ACK",
+    "IN_PROGRESS",
+    "TERM",
     "PullConsumer",
-    "Run",
-    "RunBuilder",
-    "ack_floor",
     "consumer_config",
     "consumer_lag",
     "ensure_persist_consumer",
     "ensure_quotes_stream",
-    "missing_from_stream",
+    "send_acks",
     "stream_config",
-    "stream_seq",
 ]
