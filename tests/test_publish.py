@@ -575,3 +575,36 @@ async def test_publish_exits_nonzero_with_one_line_when_retries_run_out(nats_ser
     _, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 3
     assert b"2 consecutive connection attempts failed" in err and b"Traceback" not in err
+
+
+async def test_subscribe_says_when_nats_is_unreachable() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "sowcli",
+        "subscribe",
+        "--nats-url",
+        "nats://127.0.0.1:9",
+        stderr=asyncio.subprocess.PIPE,
+        env=_env(SOW_LOG_LEVEL="ERROR"),
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 1
+    assert b"NATS at nats://127.0.0.1:9 is unreachable" in err and b"Traceback" not in err
+
+
+async def test_publish_keeps_the_exchange_side_running_while_nats_is_down_at_start(
+    fresh_nats_server: Any,
+) -> None:
+    """NATS not there yet when publish starts: quotes are buffered and flow once it comes up."""
+    url = fresh_nats_server.nats_url
+    await asyncio.to_thread(fresh_nats_server.stop)
+    async with FakeBybit(valid_symbols={"BTCUSDT"}, auto_interval=0.05) as ex:
+        s = settings_for(ex, url, symbols=["BTCUSDT"], markets=["futures"])
+        pub = Publisher(s, source=SourceSpec("bybit"))
+        async with running(pub):
+            await until(lambda: pub.feed.normalizer.stats.quotes >= 3)
+            assert pub.nats is not None and pub.nats.stats.published == 0
+            await asyncio.to_thread(fresh_nats_server.restart)
+            await until(lambda: pub.nats is not None and pub.nats.stats.published >= 3, 30)
+            assert pub.nats.stats.dropped == 0

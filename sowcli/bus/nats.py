@@ -106,7 +106,9 @@ async def connect(
                 name=name,
                 connect_timeout=int(max(1, connect_timeout_s)),
                 allow_reconnect=True,
-                max_reconnect_attempts=-1,
+                # Bounded for the first connection (nats-py would otherwise block in connect()
+                # for ever, silently); set to "for ever" once connected, below.
+                max_reconnect_attempts=1,
                 reconnect_time_wait=0.5,  # type: ignore[arg-type]  # nats-py accepts floats
                 ping_interval=5,
                 max_outstanding_pings=2,
@@ -116,6 +118,7 @@ async def connect(
                 reconnected_cb=_reconnected,
                 skip_subject_validation=True,
             )
+            nc.options["max_reconnect_attempts"] = -1
             return nc
         except (OSError, TimeoutError, nats.errors.Error) as exc:
             if attempts and tried >= attempts:

@@ -8,13 +8,15 @@ into one red line on stderr and the error's exit code (traceback only with ``--d
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
+from typing import Any
 
 import typer
 
 from sowcli import __version__
-from sowcli.cli import infra, publish, subscribe
+from sowcli.cli import backfill, infra, publish, query, subscribe
 
 app = typer.Typer(
     name="sow",
@@ -52,6 +54,8 @@ def _root(
 app.command("publish", epilog=publish.EPILOG)(publish.command)
 app.command("subscribe", epilog=subscribe.EPILOG)(subscribe.command)
 app.add_typer(infra.app, name="infra")
+app.add_typer(query.app, name="query")
+app.command("backfill", epilog=backfill.EPILOG)(backfill.command)
 
 
 def main() -> None:
@@ -75,10 +79,20 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except typer.Abort:
         sys.exit(1)
-    except Exception as exc:  # click's own usage errors
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
+    except Exception as exc:  # click's own usage errors (Typer may bundle its own click)
+        for click_exc in _click_exception_types():
+            if isinstance(exc, click_exc):
+                exc.show()
+                sys.exit(exc.exit_code)
         raise
+
+
+def _click_exception_types() -> list[type[Any]]:
+    types: list[type[Any]] = []
+    for name in ("click.exceptions", "typer._click.exceptions"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        types.append(module.ClickException)
+    return types
