@@ -139,6 +139,62 @@ class Settings:
     backfill_requests_per_second: float = _key(
         20.0, "client-side REST rate limit (Bybit allows 600 per 5 s per IP)"
     )
+    # --- serving: sow serve-api and sow serve-ws ---------------------------------------------
+    api_host: str = _key(
+        "127.0.0.1", "address `sow serve-api` listens on (0.0.0.0: every interface)"
+    )
+    api_port: int = _key(8080, "port of `sow serve-api` (REST, /health, /metrics, /docs, /ws)")
+    ws_host: str = _key("127.0.0.1", "address `sow serve-ws` listens on")
+    ws_port: int = _key(8081, "port of `sow serve-ws` (the WebSocket bridge alone)")
+    cors_origins: list[str] = _key(
+        ("http://localhost:3000", "http://127.0.0.1:3000"),
+        "browser origins allowed to call the REST API (CORS); * = any",
+    )
+    ws_allowed_origins: list[str] = _key(
+        ("http://localhost:3000", "http://127.0.0.1:3000"),
+        "browser origins allowed to open the WebSocket (others get HTTP 403; the server's own "
+        "origin and clients sending no Origin are always allowed); * = any",
+    )
+    api_rate_limit_per_second: float = _key(
+        50.0, "requests per second per client IP (token bucket refill); 0 = no limit"
+    )
+    api_rate_limit_burst: int = _key(100, "requests a client IP may send at once (bucket size)")
+    api_trusted_proxies: list[str] = _key(
+        ("127.0.0.1",), "proxies whose X-Forwarded-For names the client (for the rate limit)"
+    )
+    api_redis_timeout_seconds: float = _key(
+        0.5, "longest the API waits for Dragonfly/Redis before falling back or answering 503"
+    )
+    api_questdb_timeout_seconds: float = _key(
+        5.0, "longest the API waits for a QuestDB query before answering 504"
+    )
+    api_questdb_pool_size: int = _key(8, "QuestDB connections the API keeps (psycopg_pool)")
+    api_query_cache_ms: int = _key(
+        1000, "identical history/stats/ohlc requests within this time share one answer; 0 = off"
+    )
+    api_query_cache_entries: int = _key(512, "answers kept by that short-lived cache")
+    api_health_required: list[str] = _key(
+        ("redis", "questdb", "nats"), "dependencies whose outage makes /health answer 503"
+    )
+    api_static_dir: str = _key(
+        "frontend/out", "static export of the web dashboard, served at /market when present"
+    )
+    ws_max_clients: int = _key(1000, "WebSocket clients one server accepts (others get HTTP 503)")
+    ws_batch_ms: int = _key(100, "WebSocket updates go out at most this often (conflated)")
+    ws_client_queue_bytes: int = _key(
+        1_048_576,
+        "unsent bytes a WebSocket client may have queued; beyond it its updates are conflated",
+    )
+    ws_slow_client_seconds: float = _key(
+        10.0, "a WebSocket client that stays behind this long is disconnected"
+    )
+    ws_ping_interval_seconds: float = _key(20.0, "WebSocket ping interval (keepalive)")
+    ws_ping_timeout_seconds: float = _key(20.0, "close a WebSocket whose pong is this late")
+    ws_max_message_bytes: int = _key(65_536, "largest message a WebSocket client may send")
+    ws_max_invalid_messages: int = _key(
+        10, "invalid messages after which a WebSocket client is closed with code 1008"
+    )
+    ws_max_symbols: int = _key(1000, "symbols one WebSocket client may subscribe to")
 
 
 def env_var(key: str) -> str:
