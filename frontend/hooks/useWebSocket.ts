@@ -4,8 +4,14 @@
  * `MarketSocket` owns one WebSocket: it subscribes, parses every message in the socket's event
  * handler (never during render), conflates quotes per symbol and market, and hands the store ONE
  * batch per animation frame. When the connection drops it reconnects with exponential backoff
- * and jitter and subscribes again. `useWebSocket` runs one for a component's lifetime and writes
- * its status into the store for the connection indicator.
+ * and jitter and subscribes again; a connection that stays silent is pinged, and replaced when
+ * even the ping goes unanswered (a half-open TCP connection never reports its own death).
+ * `useWebSocket` runs one for a component's lifetime and writes its status into the store for the
+ * connection indicator.
+ *
+ * Server messages understood (sowcli/servers/ws.py): `snapshot` and `quotes` (also accepted as
+ * `batch`) carry `quotes`; `error` carries `detail`/`error`/`message`; `status`, `pong` and
+ * `unsubscribed` are informational.
  */
 "use client";
 
@@ -70,7 +76,14 @@ export interface MarketSocketOptions {
   random?: () => number;
   /** schedules the flush; defaults to requestAnimationFrame (a 16 ms timer without one) */
   scheduleFrame?: (flush: () => void) => void;
+  /** after this long without a message, send `{"type":"ping"}` (0: never); default 15 s */
+  pingAfterMs?: number;
+  /** after this long without a message (ping unanswered), reconnect; default 40 s */
+  staleAfterMs?: number;
 }
+
+export const PING_AFTER_MS = 15_000;
+export const STALE_AFTER_MS = 40_000;
 
 const OPEN = 1;
 
@@ -88,6 +101,8 @@ export class MarketSocket {
   private pending = new Map<QuoteKey, Quote>();
   private frameScheduled = false;
   private lastError: string | null = null;
+  private lastMessageAt = 0;
+  private watchdog: ReturnType<typeof setInterval> | null = null;
   /** messages that were not JSON or not understood, for diagnostics */
   rejected = 0;
 
@@ -104,14 +119,19 @@ export class MarketSocket {
   stop(): void {
     this.stopped = true;
     this.clearRetry();
+    this.discardSocket(1000, "client stopped");
+    this.pending.clear();
+    this.report("closed", null);
+  }
+
+  private discardSocket(code: number, reason: string): void {
+    this.stopWatchdog();
     const socket = this.socket;
     this.socket = null;
     if (socket) {
       socket.onopen = socket.onmessage = socket.onclose = socket.onerror = null;
-      socket.close(1000, "client stopped");
+      socket.close(code, reason);
     }
-    this.pending.clear();
-    this.report("closed", null);
   }
 
   /** Connect now instead of waiting for the backoff (e.g. when the browser comes back online). */
@@ -144,7 +164,9 @@ export class MarketSocket {
     this.socket = socket;
     socket.onopen = () => {
       this.lastError = null;
+      this.lastMessageAt = Date.now();
       this.send({ type: "subscribe", symbols: this.symbols });
+      this.startWatchdog();
       this.report("open", null);
     };
     socket.onmessage = (ev) => this.receive(ev.data);
@@ -154,11 +176,35 @@ export class MarketSocket {
     socket.onclose = (ev) => {
       if (this.socket !== socket) return;
       this.socket = null;
+      this.stopWatchdog();
       if (ev.code !== 1000 && ev.code !== 1005) {
         this.lastError = ev.reason ? `closed: ${ev.reason} (${ev.code})` : `closed (${ev.code})`;
       }
       if (!this.stopped) this.scheduleRetry();
     };
+  }
+
+  private startWatchdog(): void {
+    const pingAfter = this.options.pingAfterMs ?? PING_AFTER_MS;
+    const staleAfter = this.options.staleAfterMs ?? STALE_AFTER_MS;
+    if (pingAfter <= 0 && staleAfter <= 0) return;
+    const every = Math.max(250, Math.min(...[pingAfter, staleAfter].filter((ms) => ms > 0)) / 3);
+    this.stopWatchdog();
+    this.watchdog = setInterval(() => {
+      const quiet = Date.now() - this.lastMessageAt;
+      if (staleAfter > 0 && quiet >= staleAfter) {
+        this.lastError = `no answer for ${Math.round(quiet / 1000)} s`;
+        this.discardSocket(4000, "stale");
+        if (!this.stopped) this.scheduleRetry();
+      } else if (pingAfter > 0 && quiet >= pingAfter) {
+        this.send({ type: "ping" });
+      }
+    }, every);
+  }
+
+  private stopWatchdog(): void {
+    if (this.watchdog !== null) clearInterval(this.watchdog);
+    this.watchdog = null;
   }
 
   private scheduleRetry(): void {
@@ -182,6 +228,7 @@ export class MarketSocket {
   }
 
   private receive(data: unknown): void {
+    this.lastMessageAt = Date.now();
     if (typeof data !== "string") {
       this.rejected += 1;
       return;
@@ -197,18 +244,18 @@ export class MarketSocket {
       this.rejected += 1;
       return;
     }
-    const msg = message as { type?: unknown; quotes?: unknown; message?: unknown; error?: unknown };
-    if ((msg.type === "snapshot" || msg.type === "batch") && Array.isArray(msg.quotes)) {
+    const msg = message as { type?: unknown; quotes?: unknown; detail?: unknown; message?: unknown; error?: unknown };
+    if ((msg.type === "snapshot" || msg.type === "quotes" || msg.type === "batch") && Array.isArray(msg.quotes)) {
       if (this.attempt !== 0) {
         this.attempt = 0; // the server is serving again: the next outage starts from the shortest delay
         this.report("open", null);
       }
       this.enqueue(msg.quotes as Quote[]);
     } else if (msg.type === "error") {
-      const text = msg.message ?? msg.error;
+      const text = msg.detail ?? msg.message ?? msg.error;
       this.lastError = typeof text === "string" ? text : JSON.stringify(message);
       this.report("open", null);
-    } else if (msg.type !== "status") {
+    } else if (msg.type !== "status" && msg.type !== "pong" && msg.type !== "unsubscribed") {
       this.rejected += 1;
     }
   }

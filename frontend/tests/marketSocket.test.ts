@@ -68,15 +68,15 @@ describe("MarketSocket", () => {
     const ws = FakeSocket.last;
     ws.open();
     ws.receive({ type: "snapshot", quotes: [quote("BTCUSDT", "SPOT", 1), quote("BTCUSDT", "FUTURES", 2)] });
-    ws.receive({ type: "batch", quotes: [quote("BTCUSDT", "SPOT", 3), quote("ETHUSDT", "SPOT", 4)] });
-    ws.receive({ type: "batch", quotes: [quote("BTCUSDT", "SPOT", 5)] });
+    ws.receive({ type: "quotes", quotes: [quote("BTCUSDT", "SPOT", 3), quote("ETHUSDT", "SPOT", 4)] });
+    ws.receive({ type: "batch", quotes: [quote("BTCUSDT", "SPOT", 5)] }); // the brief's name, accepted too
     expect(h.batches).toHaveLength(0); // nothing until the frame
     expect(h.frame()).toBe(1); // one frame was scheduled for three messages
     expect(h.batches).toHaveLength(1);
     const prices = Object.fromEntries(h.batches[0]!.map((q) => [`${q.symbol}:${q.market}`, q.price]));
     expect(prices).toEqual({ "BTCUSDT:SPOT": 5, "BTCUSDT:FUTURES": 2, "ETHUSDT:SPOT": 4 });
 
-    ws.receive({ type: "batch", quotes: [quote("ETHUSDT", "SPOT", 6)] });
+    ws.receive({ type: "quotes", quotes: [quote("ETHUSDT", "SPOT", 6)] });
     expect(h.frame()).toBe(1);
     expect(h.batches).toHaveLength(2);
     expect(h.frame()).toBe(0); // no message, no frame
@@ -89,12 +89,14 @@ describe("MarketSocket", () => {
     ws.open();
     ws.receive("{not json");
     ws.receive({ type: "mystery" });
-    ws.receive({ type: "status", component: "serve-api", state: "ok" });
-    ws.receive({ type: "error", message: "unknown symbol FOO" });
+    ws.receive({ type: "status", nats: "connected", batch_ms: 100 });
+    ws.receive({ type: "pong" });
+    ws.receive({ type: "unsubscribed", symbols: ["FOOUSDT"] });
+    ws.receive({ type: "error", error: "bad_request", detail: "symbol 'x': not a valid symbol" });
     h.frame();
     expect(h.batches).toHaveLength(0);
     expect(h.socket.rejected).toBe(2);
-    expect(h.statuses.at(-1)).toMatchObject({ status: "open", error: "unknown symbol FOO" });
+    expect(h.statuses.at(-1)).toMatchObject({ status: "open", error: "symbol 'x': not a valid symbol" });
   });
 
   it("reconnects with growing, jittered delays and subscribes again", () => {
@@ -154,7 +156,7 @@ describe("MarketSocket", () => {
     h.socket.start();
     const ws = FakeSocket.last;
     ws.open();
-    ws.receive({ type: "batch", quotes: [quote("BTCUSDT", "SPOT", 1)] });
+    ws.receive({ type: "quotes", quotes: [quote("BTCUSDT", "SPOT", 1)] });
     h.socket.stop();
     expect(ws.closedWith).toBe(1000);
     expect(h.status()).toBe("closed");
@@ -162,6 +164,27 @@ describe("MarketSocket", () => {
     expect(h.batches).toHaveLength(0); // nothing delivered after stop
     vi.advanceTimersByTime(120_000);
     expect(FakeSocket.instances).toHaveLength(1);
+  });
+
+  it("pings a silent connection and replaces it when even the ping goes unanswered", () => {
+    const h = harness();
+    h.socket.start();
+    const ws = FakeSocket.last;
+    ws.open();
+    vi.advanceTimersByTime(10_000);
+    ws.receive({ type: "quotes", quotes: [quote("BTCUSDT", "SPOT", 1)] });
+    vi.advanceTimersByTime(14_000); // 14 s of silence: nothing yet
+    expect(ws.sent).toEqual([{ type: "subscribe", symbols: ["*"] }]);
+    vi.advanceTimersByTime(6_000);
+    expect(ws.sent.at(-1)).toEqual({ type: "ping" });
+    ws.receive({ type: "pong" }); // alive: the clock starts again
+    vi.advanceTimersByTime(39_000);
+    expect(h.status()).toBe("open");
+    vi.advanceTimersByTime(6_000); // 40 s without a word
+    expect(ws.closedWith).toBe(4000);
+    expect(h.statuses.at(-1)).toMatchObject({ status: "reconnecting", attempt: 1, error: "no answer for 40 s" });
+    vi.advanceTimersByTime(500);
+    expect(FakeSocket.instances).toHaveLength(2);
   });
 
   it("stops while waiting to reconnect", () => {

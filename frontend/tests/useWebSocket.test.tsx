@@ -35,7 +35,7 @@ describe("useWebSocket", () => {
     store.subscribe(updates);
     act(() => {
       FakeSocket.last.receive({ type: "snapshot", quotes: [quote("BTCUSDT", "SPOT", 100), quote("ETHUSDT", "SPOT", 10)] });
-      FakeSocket.last.receive({ type: "batch", quotes: [quote("BTCUSDT", "SPOT", 101)] });
+      FakeSocket.last.receive({ type: "quotes", quotes: [quote("BTCUSDT", "SPOT", 101)] });
     });
     expect(store.getState().quotes.size).toBe(0);
     act(() => vi.advanceTimersByTime(20)); // one animation frame

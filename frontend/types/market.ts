@@ -56,13 +56,18 @@ export type LiveQuote = Quote & { tick: Tick };
 
 export type ClientMessage =
   | { type: "subscribe"; symbols: string[] }
-  | { type: "unsubscribe"; symbols: string[] };
+  | { type: "unsubscribe"; symbols: string[] }
+  | { type: "ping" };
 
+/** What `sow serve-api`'s `/ws` sends (sowcli/servers/ws.py). */
 export type ServerMessage =
-  | { type: "snapshot"; quotes: Quote[] }
-  | { type: "batch"; quotes: Quote[] }
-  | { type: "status"; [field: string]: unknown }
-  | { type: "error"; message?: string; [field: string]: unknown };
+  | { type: "snapshot"; quotes: Quote[]; symbols?: string[]; cache?: boolean }
+  /** changed quotes, conflated, at most every `ws_batch_ms` (100 ms); `batch` is accepted too */
+  | { type: "quotes" | "batch"; quotes: Quote[] }
+  | { type: "status"; nats?: string; batch_ms?: number; [field: string]: unknown }
+  | { type: "unsubscribed"; symbols: string[] }
+  | { type: "pong" }
+  | { type: "error"; error?: string; detail?: string; [field: string]: unknown };
 
 /** What the dashboard shows in its connection indicator. */
 export type ConnectionStatus = "idle" | "connecting" | "open" | "reconnecting" | "closed";
