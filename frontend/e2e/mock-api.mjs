@@ -3,7 +3,8 @@
  * A stand-in for `sow serve-api` for working on the dashboard without the Python stack, and the
  * load generator of the browser performance measurement: it serves the static export at /market,
  * `GET /api/prices/latest`, `GET /api/prices/{symbol}/{market}/ohlc` and the `/ws` protocol
- * (subscribe/unsubscribe, a snapshot, then batches of changed quotes every 100 ms).
+ * as `sowcli/servers/ws.py` speaks it (subscribe/unsubscribe/ping; a snapshot, then `quotes`
+ * messages with the changed quotes every 100 ms).
  *
  *   node e2e/mock-api.mjs --port 8080 --symbols 1000 --rate 1000
  *   NEXT_PUBLIC_SOW_API=http://localhost:8080 npm run dev     # or open http://localhost:8080/market/
@@ -151,7 +152,7 @@ function serveStatic(outDir, req, res) {
   if (rel.endsWith("/")) rel += "index.html";
   const file = path.join(outDir, path.normalize(rel));
   if (!file.startsWith(outDir) || !existsSync(file) || !statSync(file).isFile()) {
-    return sendJson(res, 404, { detail: "not found" });
+    return sendJson(res, 404, { error: "not_found", detail: "not found" });
   }
   res.writeHead(200, { "content-type": TYPES[path.extname(file)] ?? "application/octet-stream" });
   createReadStream(file).pipe(res);
@@ -170,11 +171,12 @@ export async function startMockHub({ port = 0, host = "127.0.0.1", symbols = 50,
     const ohlc = url.pathname.match(/^\/api\/prices\/([A-Z0-9]+)\/(SPOT|FUTURES)\/ohlc$/i);
     if (ohlc) {
       const intervalS = INTERVALS[url.searchParams.get("interval") ?? "1m"];
-      if (!intervalS) return sendJson(res, 400, { detail: "interval: expected one of 1m 5m 15m 1h 4h 1d" });
-      return sendJson(res, 200, market.candles(ohlc[1].toUpperCase(), ohlc[2].toUpperCase(), intervalS));
+      if (!intervalS) return sendJson(res, 400, { error: "bad_request", detail: "interval: expected one of 1m 5m 15m 1h 4h 1d" });
+      const candles = market.candles(ohlc[1].toUpperCase(), ohlc[2].toUpperCase(), intervalS);
+      return sendJson(res, 200, { symbol: ohlc[1].toUpperCase(), market: ohlc[2].toUpperCase(), count: candles.length, candles });
     }
     if (url.pathname === "/health") return sendJson(res, 200, { status: "ok", mock: true });
-    sendJson(res, 404, { detail: "not found" });
+    sendJson(res, 404, { error: "not_found", detail: "not found" });
   });
 
   const wss = new WebSocketServer({ server, path: "/ws" });
@@ -182,12 +184,13 @@ export async function startMockHub({ port = 0, host = "127.0.0.1", symbols = 50,
   const wanted = (subs, q) => subs.has("*") || subs.has(q.symbol);
   wss.on("connection", (ws) => {
     clients.set(ws, new Set());
+    ws.send(JSON.stringify({ type: "status", nats: "connected", batch_ms: BATCH_MS, mock: true }));
     ws.on("message", (data) => {
       let msg;
       try {
         msg = JSON.parse(String(data));
       } catch {
-        return ws.send(JSON.stringify({ type: "error", message: "not JSON" }));
+        return ws.send(JSON.stringify({ type: "error", error: "bad_request", detail: "not JSON" }));
       }
       const subs = clients.get(ws);
       const symbols = Array.isArray(msg.symbols) ? msg.symbols.map((s) => String(s).toUpperCase()) : [];
@@ -197,8 +200,11 @@ export async function startMockHub({ port = 0, host = "127.0.0.1", symbols = 50,
         ws.send(JSON.stringify({ type: "snapshot", quotes }));
       } else if (msg.type === "unsubscribe") {
         symbols.forEach((s) => subs.delete(s));
+        ws.send(JSON.stringify({ type: "unsubscribed", symbols }));
+      } else if (msg.type === "ping") {
+        ws.send(JSON.stringify({ type: "pong" }));
       } else {
-        ws.send(JSON.stringify({ type: "error", message: `unknown message type ${msg.type}` }));
+        ws.send(JSON.stringify({ type: "error", error: "bad_request", detail: `unknown message type ${msg.type}` }));
       }
     });
     ws.on("close", () => clients.delete(ws));
@@ -211,7 +217,7 @@ export async function startMockHub({ port = 0, host = "127.0.0.1", symbols = 50,
     sent += changed.length;
     for (const [ws, subs] of clients) {
       const quotes = changed.filter((q) => wanted(subs, q));
-      if (quotes.length && ws.readyState === 1) ws.send(JSON.stringify({ type: "batch", quotes }));
+      if (quotes.length && ws.readyState === 1) ws.send(JSON.stringify({ type: "quotes", quotes }));
     }
   }, BATCH_MS);
 
