@@ -91,6 +91,7 @@ from sowcli.servers.ws import (
     LatestStore,
     TokenBucket,
     bind_socket,
+    bounded,
     check_serving,
     health_answer,
     heartbeat,
@@ -517,8 +518,7 @@ class ApiService:
     async def _questdb(self, work: Awaitable[query.Rows]) -> query.Rows | None:
         """Run one query from :mod:`sowcli.query` with the API's timeout; None: no table yet."""
         try:
-            async with asyncio.timeout(self.qdb_timeout_s):
-                return await work
+            return await bounded(work, self.qdb_timeout_s)
         except TimeoutError:
             self.metrics.dependency_errors.labels("questdb").inc()
             waited = format_duration(timedelta(seconds=self.qdb_timeout_s))

@@ -70,7 +70,6 @@ import socket
 import time
 from collections import OrderedDict, deque
 from collections.abc import (
-    AsyncIterator,
     Awaitable,
     Callable,
     Collection,
@@ -80,7 +79,7 @@ from collections.abc import (
 )
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 import msgspec
@@ -137,6 +136,7 @@ SHARED_DEFLATE_KEEP = 32  # compressed messages remembered per window size
 HEALTH_TIMEOUT_S = 1.0
 DEPENDENCIES = ("redis", "questdb", "nats")
 Key = tuple[str, str]  # (market, symbol)
+T = TypeVar("T")
 
 
 # --- settings ------------------------------------------------------------------------------
@@ -584,6 +584,7 @@ class BridgeStats:
     quotes_out: int = 0
     bytes_out: int = 0
     snapshots: int = 0
+    coalesced: int = 0  # quotes replaced by a newer one of their stream within one batch window
     conflated: int = 0  # queued quotes replaced by a newer one while their client was behind
     behind: int = 0  # times a client fell behind
     dropped_slow: int = 0  # clients disconnected for staying behind
@@ -714,7 +715,10 @@ class Bridge:
             self.stats.invalid_in += 1
             return
         self.latest[key] = (ts, seq, wire)
-        self.changed[key] = wire
+        changed = self.changed
+        if key in changed:
+            self.stats.coalesced += 1
+        changed[key] = wire
         self.stats.quotes_in += 1
         if self._timer is None:
             self._schedule()
@@ -1112,6 +1116,8 @@ class Bridge:
             ("sow_ws_bytes_out", "Bytes sent to WebSocket clients (before compression)",
              s.bytes_out),
             ("sow_ws_batches", "Conflated batches fanned out", s.batches),
+            ("sow_ws_coalesced", "Quotes replaced by a newer one within a batch window",
+             s.coalesced),
             ("sow_ws_conflated", "Queued quotes replaced by newer ones for slow clients",
              s.conflated),
             ("sow_ws_invalid_messages", "Invalid messages received from clients",
@@ -1208,6 +1214,26 @@ class BridgeEndpoint:
 # --- health --------------------------------------------------------------------------------
 
 
+async def bounded(work: Awaitable[T], timeout_s: float) -> T:
+    """``await work``, raising TimeoutError after ``timeout_s`` *without* waiting for ``work`` to
+    unwind: it is cancelled in the background. (psycopg answers a cancellation by asking the
+    server to cancel the query and waiting up to 10 s for it; a frozen server must not turn a
+    1 s timeout into 11 s.)"""
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.wait_for(asyncio.shield(task), timeout_s)
+    except BaseException:
+        if not task.done():
+            task.cancel()
+            task.add_done_callback(_consume)
+        raise
+
+
+def _consume(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved: no "exception was never retrieved" warning
+
+
 @dataclass(slots=True)
 class Check:
     """One dependency's health: ``state`` up/down, round trip, what failed."""
@@ -1230,8 +1256,7 @@ async def probe(
 ) -> tuple[str, Check]:
     """Run one health probe (returning its latency in ms) into a :class:`Check`."""
     try:
-        async with asyncio.timeout(HEALTH_TIMEOUT_S * 2):
-            latency = await call()
+        latency = await bounded(call(), HEALTH_TIMEOUT_S * 2)
     except (UpstreamError, TimeoutError, OSError) as exc:
         why = str(exc) or "no answer in time"
         return name, Check("down", None, why, name in required)
@@ -1431,18 +1456,6 @@ async def run_ws(settings: Settings, stop: asyncio.Event | None = None) -> WsSer
     return server
 
 
-@contextlib.asynccontextmanager
-async def running(server: WsServer, sock: socket.socket) -> AsyncIterator[WsServer]:
-    """Run ``server`` on ``sock`` in this event loop for the duration of the block (tests)."""
-    stop = asyncio.Event()
-    task = asyncio.create_task(server.run(stop, sock=sock))
-    try:
-        yield server
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 15)
-
-
 __all__ = [
     "DIRECT_EXTENSION",
     "Bridge",
@@ -1456,13 +1469,13 @@ __all__ = [
     "SharedDeflateFactory",
     "WsServer",
     "bind_socket",
+    "bounded",
     "check_serving",
     "configured_keys",
     "health_answer",
     "iso_ms",
     "probe",
     "run_ws",
-    "running",
     "serve_asgi",
     "wire_quote",
 ]
