@@ -246,7 +246,7 @@ def test_waiting_and_unreachable_screens() -> None:
     assert "retrying for 19s" in screen
     # silence proves nothing while our own link is down: expected components wait, not down
     assert "🟡 cache waiting" in screen and "🔴 cache" not in screen
-    assert "BTCUSDT" in screen  # the row asked for is there before any quote
+    assert "BTCUSDT" in screen and "1 symbol ·" in screen  # the row asked for, before any quote
 
 
 def test_no_quotes_yet_says_what_it_waits_for() -> None:

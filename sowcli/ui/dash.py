@@ -731,7 +731,8 @@ def render(
     elif c.source.startswith("replay"):
         title.append(" REPLAYED DATA ", "bold black on cyan")
         title.append("  ")
-    title.append(f"{len(state.quotes.rows)} symbols · sort {options.sort}", "dim")
+    n = len(state.quotes.rows)
+    title.append(f"{n} symbol{'' if n == 1 else 's'} · sort {options.sort}", "dim")
 
     chip_lines = _pack([chip.text() for chip in component_chips(state, now, options)], width)
     sockets = f"{c.sockets}/{c.sockets_total}" if c.sockets_total else "0"
