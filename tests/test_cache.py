@@ -8,6 +8,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import inspect
+import os
+import signal
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
@@ -59,13 +64,13 @@ def quote(
     )
 
 
-async def eventually(check: Callable[[], Awaitable[bool] | bool], what: str) -> None:
-    """Poll ``check`` until it is true; fail naming ``what`` after WAIT_S."""
+async def eventually(check: Callable[[], Awaitable[object] | object], what: str) -> None:
+    """Poll ``check`` until it is truthy; fail naming ``what`` after WAIT_S."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + WAIT_S
     while True:
         result = check()
-        if not isinstance(result, bool):
+        if inspect.isawaitable(result):
             result = await result
         if result:
             return
@@ -352,6 +357,31 @@ async def test_redis_restart_under_a_running_cache(
         await client.aclose()
 
 
+async def test_refused_writes_are_retried_without_duplicates(
+    nats_server: ServerProcess, fresh_redis_server: ServerProcess, stages: Running, nc: Nats
+) -> None:
+    """Redis out of memory refuses every write: nothing is stored, so the batch is retried."""
+    stage = await stages.start(settings_for(nats_server, fresh_redis_server))
+    admin = aioredis.Redis.from_url(fresh_redis_server.redis_url)
+    try:
+        await admin.config_set("maxmemory", 1)  # noeviction: every write needing memory -> OOM
+        sym = symbol()
+        quotes = [quote(sym, 50.0 + i, T0 + 9000 + i) for i in range(10)]
+        await publish(nc, quotes)
+        await eventually(lambda: stage.writer.stats.write_errors >= 2, "refused flushes")
+        assert written(stage) == 0 and stage.writer.pending == 10
+        assert stage.status()["state"] == "degraded"
+
+        await admin.config_set("maxmemory", 0)
+        await eventually(lambda: written(stage) == 10, "the batch written once Redis takes it")
+        assert await history_of(admin, history_key("SPOT", sym)) == list(reversed(quotes))
+        assert (await stats_of(admin, stats_key("SPOT", sym, T0 + 9000)))["count"] == "10"
+        assert await get_quote(admin, latest_key("SPOT", sym)) == quotes[-1]
+        assert stage.writer.connected and stage.writer.stats.dropped == 0
+    finally:
+        await admin.aclose()
+
+
 async def test_buffer_is_bounded_while_redis_is_down(fresh_redis_server: ServerProcess) -> None:
     """In-process use (the QuoteHandler seam): the oldest quotes beyond the bound are dropped."""
     writer = CacheWriter(fresh_redis_server.redis_url, flush_ms=10, batch_max=10, buffer_max=25)
@@ -397,12 +427,14 @@ async def test_malformed_payloads_are_counted_and_skipped(
         b'{"symbol":"X","market":"MOON","price":1,"ts":1,"recv_us":1}',  # bad market
         b'{"symbol":"X","market":"SPOT","price":"cheap","ts":1,"recv_us":1}',  # bad type
         b"",
+        encode_quote(quote("btc-usdt", 1.0, T0)),  # not a symbol name: keys are built from it
+        encode_quote(quote("A" * 200, 1.0, T0)),
     ):
         await nc.publish(f"quotes.spot.{sym}", payload)
     good = quote(sym, 1.5, T0 + 7000)
     await publish(nc, [good])
     await eventually(lambda: written(stage) == 1, "the valid quote written")
-    assert stage.invalid == 6
+    assert stage.invalid == 8
     assert stages.alive()
     assert await get_quote(redis, latest_key("SPOT", sym)) == good
 
@@ -489,6 +521,51 @@ def test_cli_rejects_a_bad_value() -> None:
     result = CliRunner().invoke(_cli(), ["cache", "--flush-ms", "0"], env={"COLUMNS": "200"})
     assert result.exit_code == 2
     assert "Invalid value for '--flush-ms'" in result.output
+
+
+async def test_sow_cache_process_writes_and_stops_cleanly_on_sigterm(
+    nats_server: ServerProcess, redis_server: ServerProcess, nc: Nats, redis: aioredis.Redis
+) -> None:
+    """The command as a user runs it: a process of its own, configured from the environment."""
+    group = f"test-{uuid.uuid4().hex[:8]}"
+    beats: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+    async def on_beat(msg: Any) -> None:
+        doc = orjson.loads(msg.data)
+        if doc.get("queue_group") == group:
+            await beats.put(doc)
+
+    sub = await nc.subscribe(status_subject("cache"), cb=on_beat)
+    env = {
+        **os.environ,
+        "NATS_URL": nats_server.nats_url,
+        "DRAGONFLY_URL": redis_server.redis_url.removeprefix("redis://"),  # host:port/db form
+        "SOW_CACHE_QUEUE_GROUP": group,
+        "SOW_HEARTBEAT_INTERVAL_SECONDS": "0.1",
+    }
+    code = "import typer; from sowcli.cli.cache import command; typer.run(command)"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", code, "--log-level", "INFO",
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        beat = await asyncio.wait_for(beats.get(), WAIT_S)  # subscribed and running
+        assert beat["state"] == "running"
+        sym = symbol()
+        q = quote(sym, 42.0, T0 + 11_000)
+        await publish(nc, [q])
+        await eventually(lambda: redis.exists(latest_key("SPOT", sym)), "the quote in Redis")
+        assert await get_quote(redis, latest_key("SPOT", sym)) == q
+        proc.send_signal(signal.SIGTERM)
+        out, _ = await asyncio.wait_for(proc.communicate(), WAIT_S)
+    finally:
+        await sub.unsubscribe()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    output = out.decode()
+    assert proc.returncode == 0, output
+    assert "cache stopped" in output and "written=1" in output
 
 
 def test_bad_redis_url_is_a_config_error() -> None:

@@ -21,11 +21,13 @@ How writes are made, and why:
 
 - **Coalesced and pipelined.** :meth:`CacheWriter.add` only appends to a bounded buffer. One task
   flushes it ``cache_flush_ms`` after the first buffered quote (at once when
-  :data:`BATCH_MAX` quotes are waiting), as one non-transactional pipeline: per stream one
-  ``LPUSH`` with every quote of the flush and one ``LTRIM``; per stream and day one ``ZADD`` with
-  every quote and one ``EXPIRE``; one ``EVAL`` for all ``latest`` keys (only the newest quote per
-  key) and one ``EVAL`` for all ``stats`` keys (pre-aggregated per key). Within a flush quotes are
-  ordered by ``(ts, seq)`` so history stays in exchange order.
+  :data:`BATCH_MAX` quotes are waiting), as one non-transactional pipeline written to the socket
+  in one go: per stream one ``LPUSH`` with every quote of the flush and one ``LTRIM``; per stream
+  and day one ``ZADD`` with every quote and one ``EXPIRE``; one ``EVAL`` for all ``latest`` keys
+  (only the newest quote per key) and one ``EVAL`` for all ``stats`` keys (pre-aggregated per
+  key). Within a flush quotes are ordered by ``(ts, seq)`` so history stays in exchange order.
+  The commands are packed here (:class:`RespBatch`) and sent over a redis-py pooled connection:
+  redis-py's pure-Python packer was more than half of the writer's CPU time.
 - **Lua for ``latest`` and ``stats``.** Several ``sow cache`` processes share ``quotes.>`` through
   a NATS queue group, so two processes can write the same key in any order; a client-side
   "read, compare, write" would race. A script compares the stored quote's ``ts``/``seq`` with the
@@ -34,8 +36,9 @@ How writes are made, and why:
   contention). ``stats`` merges min/max/first/last the same way, and ``HINCRBY`` keeps ``count``.
   Scripts are sent with ``EVAL`` (not ``EVALSHA``) so a restarted server, whose script cache is
   empty, needs no reload step.
-- **Outages.** A connection error fails the flush: the batch goes back to the front of the buffer,
-  the writer waits (jittered backoff up to 2 s) and retries, for ever. While Redis is away the
+- **Outages.** A connection error fails the flush, and so does a reply where the server refused
+  every data command (OOM, NOAUTH, READONLY: nothing was stored): the batch goes back to the
+  front of the buffer, the writer waits (jittered backoff up to 2 s) and retries, for ever. While Redis is away the
   buffer holds at most ``buffer_max`` quotes; beyond that the oldest are dropped and counted
   (``dropped``). Failed flush attempts and commands the server refused are counted
   (``write_errors``). ``latest`` and ``timeseries`` writes are idempotent; if a connection breaks
@@ -70,7 +73,7 @@ from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sowcli.bus.nats import QUOTES_WILDCARD, connect, status_subject
-from sowcli.config import Settings, redis_url
+from sowcli.config import SYMBOL_RE, Settings, redis_url
 from sowcli.errors import ConfigError
 from sowcli.logs import kv
 from sowcli.model import Quote, decode_quote, encode_quote
@@ -82,7 +85,9 @@ DAY_MS = 86_400_000
 BATCH_MAX = 5_000  # quotes per pipeline: a full batch is flushed without waiting for the window
 BUFFER_MAX = 200_000  # quotes held while Redis is unreachable (about 80 MB); oldest dropped beyond
 BACKOFF_CAP_S = 2.0
-NATS_PENDING_MAX = 262_144  # messages nats-py may hold for us before it reports a slow consumer
+# What nats-py may hold for us before it drops messages as a slow consumer.
+NATS_PENDING_MAX = 262_144
+NATS_PENDING_BYTES_MAX = 128 * 1024 * 1024
 
 # KEYS: latest keys. ARGV: per key ts, seq (-1 = none), Quote JSON. Returns how many were written.
 LATEST_LUA = """
@@ -185,14 +190,17 @@ def _bulk(value: bytes | str | int | float) -> bytes:
 class RespBatch:
     """Commands of one flush, packed in the Redis protocol, ready for one socket write."""
 
-    __slots__ = ("chunks", "count")
+    __slots__ = ("chunks", "count", "data")
 
     def __init__(self) -> None:
         self.chunks: list[bytes] = []
         self.count = 0
+        self.data: list[int] = []  # indices of the commands that store quotes
 
-    def command(self, *args: bytes | str | int | float) -> None:
+    def command(self, *args: bytes | str | int | float, data: bool = False) -> None:
         self.chunks.append(b"*%d\r\n" % len(args) + b"".join(map(_bulk, args)))
+        if data:
+            self.data.append(self.count)
         self.count += 1
 
     def values(self, name: str, key: str, values: list[bytes]) -> None:
@@ -200,6 +208,7 @@ class RespBatch:
         head = b"*%d\r\n" % (len(values) + 2) + _bulk(name) + _bulk(key)
         body = b"".join([b"$%d\r\n%b\r\n" % (len(v), v) for v in values])
         self.chunks.append(head + body)
+        self.data.append(self.count)
         self.count += 1
 
     def scored(self, name: str, key: str, scores: list[int], members: list[bytes]) -> None:
@@ -211,6 +220,7 @@ class RespBatch:
             parts.append(b"$%d\r\n%b\r\n$%d\r\n%b\r\n" % (len(text), text, len(member), member))
         body = b"".join(parts)
         self.chunks.append(head + body)
+        self.data.append(self.count)
         self.count += 1
 
 
@@ -351,6 +361,8 @@ class CacheWriter:
                 self._task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._task
+                self.stats.dropped += self._in_flight  # cancelled mid-write: not known stored
+                self._in_flight = 0
         if self._buffer:
             self.stats.dropped += len(self._buffer)
             log.warning(
@@ -372,13 +384,19 @@ class CacheWriter:
         return True
 
     # --- the flush task ------------------------------------------------------------------------
-    def _set_connected(self, up: bool, exc: BaseException | None = None) -> None:
+    def _set_connected(
+        self,
+        up: bool,
+        exc: BaseException | None = None,
+        message: str = "redis unreachable, will retry",
+    ) -> None:
+        """``connected`` means "reachable and taking our writes"; log changes once each."""
         if up and not self.connected:
             log.info("redis connected", extra=kv(url=self.url, buffered=len(self._buffer)))
         elif not up:
             err = (str(exc) or type(exc).__name__) if exc is not None else ""
             if self.connected or err != self._last_error:
-                log.warning("redis unreachable, will retry", extra=kv(url=self.url, error=err))
+                log.warning(message, extra=kv(url=self.url, error=err))
             self._last_error = err
         self.connected = up
 
@@ -424,7 +442,13 @@ class CacheWriter:
             delay = min(delay * 2, BACKOFF_CAP_S)
 
     async def _write(self, batch: list[Quote]) -> bool:
-        """One pipeline for ``batch``; False when it must be retried (connection trouble)."""
+        """One pipeline for ``batch``; False when it must be retried.
+
+        Retried: connection errors, and replies where *every* data command (LPUSH, ZADD, EVAL)
+        was refused (OOM, NOAUTH, READONLY...): nothing was stored, so a retry duplicates
+        nothing. A partly refused batch is not retried; the refused commands count as
+        ``write_errors``.
+        """
         commands = self._commands(batch)
         started = time.perf_counter()
         try:
@@ -433,20 +457,24 @@ class CacheWriter:
             self.stats.write_errors += 1
             self._set_connected(False, exc)
             return False
-        except RedisError as exc:  # anything else is not cured by retrying the same batch
+        except RedisError as exc:  # a client-side fault: retrying the same batch cannot help
             self.stats.write_errors += 1
             self.stats.dropped += len(batch)
             log.error(
                 "cache write failed, batch dropped", extra=kv(count=len(batch), error=repr(exc))
             )
             return True
+        refused = [r for r in replies if isinstance(r, Exception)]
+        if refused and all(isinstance(replies[i], Exception) for i in commands.data):
+            self.stats.write_errors += 1
+            self._set_connected(False, refused[0], "redis refused the cache writes, will retry")
+            return False
         self.stats.last_flush_ms = (time.perf_counter() - started) * 1000
         self._set_connected(True)
-        refused = [r for r in replies if isinstance(r, Exception)]
         if refused:
             self.stats.write_errors += len(refused)
             log.error(
-                "redis refused cache writes",
+                "redis refused some cache writes",
                 extra=kv(commands=len(refused), of=len(replies), error=str(refused[0])),
             )
         self.stats.written += len(batch)
@@ -545,8 +573,8 @@ class CacheWriter:
             newest = quotes[-1]
             latest_keys.append("latest:" + base)
             latest_args += (newest.ts, -1 if newest.seq is None else newest.seq, docs[-1])
-        out.command("EVAL", LATEST_LUA, len(latest_keys), *latest_keys, *latest_args)
-        out.command("EVAL", STATS_LUA, len(stats_keys), *stats_keys, *stats_args)
+        out.command("EVAL", LATEST_LUA, len(latest_keys), *latest_keys, *latest_args, data=True)
+        out.command("EVAL", STATS_LUA, len(stats_keys), *stats_keys, *stats_args, data=True)
         return out
 
 
@@ -566,6 +594,7 @@ class CacheStage:
         self.instance = f"{socket.gethostname()}:{os.getpid()}"
         self.nc: Client | None = None
         self._sub: Subscription | None = None
+        self._symbols: set[str] = set()
         self.subscribed = asyncio.Event()
 
     @property
@@ -611,6 +640,19 @@ class CacheStage:
                     extra=kv(subject=msg.subject, error=str(exc), invalid=self.invalid),
                 )
             return
+        symbol = quote.symbol
+        if symbol not in self._symbols:  # keys are made from it: only real symbol names
+            if not SYMBOL_RE.match(symbol):
+                self.invalid += 1
+                if self.invalid == 1 or self.invalid % 10_000 == 0:
+                    log.warning(
+                        "skipping quotes with an invalid symbol",
+                        extra=kv(subject=msg.subject, symbol=symbol[:40], invalid=self.invalid),
+                    )
+                return
+            if len(self._symbols) >= 100_000:
+                self._symbols.clear()
+            self._symbols.add(symbol)
         self.writer.add(quote)
 
     async def _heartbeat(self) -> None:
@@ -618,7 +660,7 @@ class CacheStage:
         while True:
             await asyncio.sleep(interval)
             w = self.writer
-            if not w.buffered:
+            if not w.pending:
                 await w.ping()  # no flush in progress tells us whether the server is (still) up
             await self._publish_status()
 
@@ -647,7 +689,7 @@ class CacheStage:
                 queue=self.queue_group,
                 cb=self._on_msg,
                 pending_msgs_limit=NATS_PENDING_MAX,
-                pending_bytes_limit=NATS_PENDING_MAX * 1024,
+                pending_bytes_limit=NATS_PENDING_BYTES_MAX,
             )
             await self.nc.flush()
             self.state = "running"
