@@ -11,7 +11,7 @@ promise (ARCHITECTURE.md, "Delivery semantics"):
 3. A batch is acked only after QuestDB accepted it (one HTTP request = one transaction). A failed
    write keeps the batch and retries it with capped exponential backoff (tenacity) - nothing is
    acked meanwhile, "in progress" is signalled so JetStream does not redeliver, and pulling stops
-   once ``4 x persist_batch_rows`` messages are held. A crash (even ``kill -9``) loses no tick:
+   once ``6 x persist_batch_rows`` messages are held (2 lanes). A crash (even ``kill -9``) loses no tick:
    unacked messages are redelivered after ``persist_ack_wait_seconds``; and duplicates none: the
    DEDUP UPSERT keys ``(timestamp, symbol, market, seq)`` make a rewritten row replace itself.
    The row timestamp is the exchange event time ``ts`` from the quote, never the server's clock.
@@ -39,6 +39,7 @@ import orjson
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from questdb import QuestDBError
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
 
 from sowcli.bus.jetstream import (
@@ -61,10 +62,13 @@ log = logging.getLogger("sow.persist")
 
 COMPONENT = "persist"
 SHUTDOWN_GRACE_S = 10.0
-HELD_BATCHES = 4  # pull no more once this many batches' worth of messages are held
+WRITE_LANES = 2  # QuestDB requests in flight at a time
 MIN_TS_MS = 946_684_800_000  # 2000-01-01: older event times are not Bybit quotes
 MAX_TS_MS = 4_102_444_800_000  # 2100-01-01
-_QUOTE_ERRORS = (msgspec.ValidationError, msgspec.DecodeError, ValueError, OverflowError, TypeError)
+# a payload that is not a Quote, or a value the ILP row refuses (the row is rolled back)
+_QUOTE_ERRORS = (
+    msgspec.ValidationError, msgspec.DecodeError, ValueError, OverflowError, TypeError, QuestDBError
+)
 
 
 class Batch:
@@ -87,10 +91,14 @@ class Batch:
 class Persister:
     """The running persist stage (exposed so ``sow up`` and tests can read its counters)."""
 
-    def __init__(self, settings: Settings, *, name: str = "sow-persist") -> None:
+    def __init__(
+        self, settings: Settings, *, name: str = "sow-persist", lanes: int = WRITE_LANES
+    ) -> None:
         self.settings = settings
         self.name = name
         self.batch_rows = settings.persist_batch_rows
+        # pull no more once this many messages are held: each lane's batch, as many sealed, one open
+        self.max_held = (2 * lanes + 2) * self.batch_rows
         self.flush_s = settings.persist_flush_ms / 1000
         self.started = time.time()
         self.state = "starting"
@@ -114,10 +122,14 @@ class Persister:
         # plumbing
         self.nc: Client | None = None
         self.js: JetStreamContext | None = None
-        self.writer = QuestDBWriter(settings.questdb_http_url, init_buf_rows=self.batch_rows)
+        self.writer = QuestDBWriter(
+            settings.questdb_http_url, lanes=lanes, init_buf_rows=self.batch_rows
+        )
         self.pull: PullConsumer | None = None
         self._batch: Batch | None = None  # filling
-        self._writing: Batch | None = None  # being written (and retried)
+        self._writing: list[Batch] = []  # being written (and retried)
+        self._gave_up = False
+        self._failure: Exception | None = None
         self._sealed: list[Batch] = []
         self._in_hand = 0  # messages received and not yet written (or given up)
         self._work = asyncio.Event()
@@ -236,7 +248,7 @@ class Persister:
         nc = self.nc
         if nc is None or not nc.is_connected:
             return
-        batches = [b for b in (self._writing, *self._sealed, self._batch) if b is not None]
+        batches = [*self._writing, *self._sealed, *([self._batch] if self._batch else [])]
         with contextlib.suppress(Exception):
             for batch in batches:
                 await send_acks(nc, batch.replies, IN_PROGRESS)
@@ -311,37 +323,54 @@ class Persister:
         self.messages_total += batch.messages
         self.writer.release(batch.buffer)
 
+    async def _write_and_ack(self, batch: Batch) -> None:
+        try:
+            if await self._write(batch):
+                await self._ack(batch)
+                self._done_with(batch)
+                self._last_progress_signal = time.monotonic()
+            else:
+                self._gave_up = True
+        except Exception as exc:  # a bug: stop the stage (nothing acked: no loss)
+            log.exception("persist write failed unexpectedly")
+            self._failure = exc
+            self._gave_up = True
+        finally:
+            self._writing.remove(batch)
+            self._work.set()
+        if self.pull is not None:
+            await self.pull.top_up()
+
     async def _flush_loop(self) -> None:
-        """Write sealed batches in order; seal the open batch when it is ``flush_ms`` old."""
-        while True:
-            if not self._sealed:
-                batch = self._batch
-                if self._draining:
-                    if batch is None:
-                        return
-                    self._seal()
+        """Write sealed batches (``lanes`` at a time); seal the open batch when ``flush_ms`` old."""
+        tasks: set[asyncio.Task[None]] = set()
+        try:
+            while not self._gave_up:
+                if self._sealed and len(self._writing) < self.writer.lanes:
+                    sealed = self._sealed.pop(0)
+                    self._writing.append(sealed)
+                    task = asyncio.create_task(self._write_and_ack(sealed), name="persist-write")
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
                     continue
+                batch = self._batch
                 timeout = None
-                if batch is not None:
-                    timeout = batch.started + self.flush_s - time.monotonic()
+                if not self._sealed and batch is not None:
+                    # a partial batch is sealed by age (not during an outage: sealed ones wait)
+                    timeout = 0.0 if self._draining else batch.started + self.flush_s - time.monotonic()
                     if timeout <= 0:
                         self._seal()
                         continue
+                if self._draining and not self._sealed and batch is None and not self._writing:
+                    return
                 self._work.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._work.wait(), timeout=timeout)
-                continue
-            batch = self._writing = self._sealed.pop(0)
-            if not await self._write(batch):
-                self._sealed.clear()
-                self._batch = self._writing = None
-                return
-            self._writing = None
-            await self._ack(batch)
-            self._done_with(batch)
-            self._last_progress_signal = time.monotonic()
-            if self.pull is not None:
-                await self.pull.top_up()
+        finally:
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
+        if self._failure is not None:
+            raise self._failure
 
     # --- lifecycle ---------------------------------------------------------------------------
     async def _on_reconnect(self) -> None:
@@ -389,8 +418,18 @@ class Persister:
         """Run until ``stop`` is set; then write and ack what is held, and close."""
         stop = stop or asyncio.Event()
         settings = self.settings
-        self.nc = nc = await connect(settings.nats_url, name=self.name, on_reconnect=self._on_reconnect,
-                                     attempts=0)
+        connecting = asyncio.create_task(
+            connect(settings.nats_url, name=self.name, on_reconnect=self._on_reconnect, attempts=0)
+        )
+        stopper = asyncio.create_task(stop.wait())
+        await asyncio.wait({connecting, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if not connecting.done():  # stopped while NATS was still unreachable
+            connecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await connecting
+            self.state = "stopped"
+            return
+        self.nc = nc = connecting.result()
         beat: asyncio.Task[None] | None = None
         flusher: asyncio.Task[None] | None = None
         try:
@@ -410,17 +449,16 @@ class Persister:
             )
             self.pull = PullConsumer(
                 nc, settings.stream_name, settings.persist_consumer, self._on_message,
-                batch=self.batch_rows, max_held=HELD_BATCHES * self.batch_rows, held=self._held,
+                batch=self.batch_rows, max_held=self.max_held, held=self._held,
                 on_consumer_gone=self._consumer_gone,
             )
             flusher = asyncio.create_task(self._flush_loop(), name="persist-flush")
             await self.pull.start()
-            stopper = asyncio.create_task(stop.wait())
             done, _ = await asyncio.wait({flusher, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            stopper.cancel()
             if flusher in done:
                 flusher.result()  # a bug: surface it
         finally:
+            stopper.cancel()
             await self._shutdown(flusher, beat)
 
     async def _shutdown(self, flusher: asyncio.Task[None] | None, beat: asyncio.Task[None] | None) -> None:

@@ -37,7 +37,7 @@ a callback subscription costs nothing extra.
 ``ack_wait`` (``persist_ack_wait_seconds``, 30 s) is how long a crashed process's messages wait
 before redelivery. A process that retries a QuestDB write sends "in progress" (``+WPI``) for the
 messages it holds every ``ack_wait / 3``, so a long outage causes no redelivery at all, and it
-stops pulling once it holds ``4 x persist_batch_rows`` messages. ``max_ack_pending``
+stops pulling once it holds ``6 x persist_batch_rows`` messages. ``max_ack_pending``
 (``20 x persist_batch_rows`` = 100k) caps what all processes together hold unacknowledged, so a
 crash can cause at most that many redeliveries. ``max_deliver`` is unlimited: a tick is never
 given up on. Payloads that are not Quotes are terminated (``+TERM``): never redelivered.
@@ -321,7 +321,7 @@ class PullConsumer:
                 await self._watchdog
         if self._sub is not None:
             with contextlib.suppress(Exception):
-                await self._sub.drain()  # type: ignore[no-untyped-call]
+                await asyncio.wait_for(self._sub.drain(), timeout=5.0)  # type: ignore[no-untyped-call]
             self._sub = None
 
     def reset(self) -> None:
@@ -344,14 +344,14 @@ class PullConsumer:
                 return
 
     async def _on_msg(self, msg: Msg) -> None:
-        self._last_activity = time.monotonic()
-        if msg.reply:  # a data message: its reply subject is the ack subject
+        if msg.reply:  # a data message (its reply subject is the ack subject): the hot path
             self.credit -= 1
             self.stats.delivered += 1
             self.on_message(msg)
-            if self.credit < self.batch:
+            if self.credit < self.batch and self.credit + self.held() + self.batch <= self.max_held:
                 await self.top_up()
             return
+        self._last_activity = time.monotonic()
         self.stats.status_msgs += 1
         headers = msg.headers or {}
         status = headers.get(STATUS_HEADER, "")
@@ -375,9 +375,13 @@ class PullConsumer:
     async def _watch(self) -> None:
         """Re-request when the server went quiet (no message, no heartbeat) or we are idle."""
         quiet_limit = max(3 * self.heartbeat_s, 1.0)
+        delivered = self.stats.delivered
         while True:
             await asyncio.sleep(self.heartbeat_s)
             now = time.monotonic()
+            if self.stats.delivered != delivered:  # data counts as activity (not timed per message)
+                delivered = self.stats.delivered
+                self._last_activity = now
             if self.credit > 0 and now - self._last_activity > quiet_limit and (
                 now - self._requested_at > quiet_limit
             ):
