@@ -1,12 +1,12 @@
 "use client";
 
 import { useVirtualizer } from "@tanstack/react-virtual";
-import { useRef } from "react";
+import { useMemo, useRef } from "react";
 import { useShallow } from "zustand/react/shallow";
 
 import { cx } from "@/lib/cx";
 import {
-  selectRowOrder,
+  createRowOrderSelector,
   useMarket,
   type SortColumn,
   type SortDirection,
@@ -53,7 +53,8 @@ interface Props {
  * re-renders only when the row ORDER changes; prices update inside the rows.
  */
 export function VirtualizedMarketTable({ view, onSort }: Props) {
-  const order = useMarket(useShallow((s) => selectRowOrder(s, view)));
+  const selectOrder = useMemo(createRowOrderSelector, []);
+  const order = useMarket(useShallow((s) => selectOrder(s, view)));
   const total = useMarket((s) => s.symbols.length);
   const status = useMarket((s) => s.connection.status);
   const scrollRef = useRef<HTMLDivElement>(null);

@@ -252,28 +252,68 @@ export function quoteVolume(q: Quote | undefined): number | null {
   return q.volume !== null && q.volume !== undefined ? q.volume * q.price : null;
 }
 
-function sortValue(row: SymbolRow, column: SortColumn): number | string | null {
-  switch (column) {
-    case "symbol":
-      return row.symbol;
-    case "spot":
-      return row.spot?.price ?? null;
-    case "futures":
-      return row.futures?.price ?? null;
-    case "basis":
-      return row.basis;
-    case "change":
-      return row.stats?.change24h ?? null;
-    case "high":
-      return row.stats?.high24h ?? null;
-    case "low":
-      return row.stats?.low24h ?? null;
-    case "volume":
-      return quoteVolume(row.stats);
-    case "age":
-      // youngest first when ascending
-      return row.updated ? -row.updated : null;
+/** The value a row sorts by: a number (or null: sorts last), or the symbol itself. */
+function sortValue(
+  column: SortColumn,
+  symbol: string,
+  spot: LiveQuote | undefined,
+  futures: LiveQuote | undefined,
+  market: MarketFilter,
+): number | string | null {
+  if (column === "symbol") return symbol;
+  if (column === "spot") return spot?.price ?? null;
+  if (column === "futures") return futures?.price ?? null;
+  if (column === "basis") {
+    return spot && futures && spot.price ? ((futures.price - spot.price) / spot.price) * 100 : null;
   }
+  if (column === "age") {
+    const updated = Math.max(spot?.ts ?? 0, futures?.ts ?? 0);
+    return updated ? -updated : null; // youngest first when ascending
+  }
+  const stats = market === "FUTURES" ? futures : market === "SPOT" ? spot : (spot ?? futures);
+  if (column === "change") return stats?.change24h ?? null;
+  if (column === "high") return stats?.high24h ?? null;
+  if (column === "low") return stats?.low24h ?? null;
+  return quoteVolume(stats);
+}
+
+/** `[spot key, futures key]` per symbol, built once instead of twice per symbol per frame. */
+const streamKeys = new Map<string, readonly [QuoteKey, QuoteKey]>();
+function keysOf(symbol: string): readonly [QuoteKey, QuoteKey] {
+  let keys = streamKeys.get(symbol);
+  if (!keys) {
+    keys = [quoteKey(symbol, "SPOT"), quoteKey(symbol, "FUTURES")];
+    if (streamKeys.size < 100_000) streamKeys.set(symbol, keys);
+  }
+  return keys;
+}
+
+/**
+ * A memoised {@link selectRowOrder} for one table: it recomputes only when something the order
+ * depends on changed. Sorted by symbol, the order depends on which streams exist, not on prices,
+ * so a price-only batch costs nothing here and the table does not re-render.
+ */
+export function createRowOrderSelector(): (
+  state: Pick<MarketState, "quotes" | "symbols" | "favourites">,
+  view: TableView,
+) => string[] {
+  let last: { deps: unknown[]; order: string[] } | null = null;
+  return (state, view) => {
+    const byValue = view.sort !== "symbol";
+    // streams are only ever added, so the count tells when one appeared
+    const deps = [
+      byValue ? state.quotes : state.quotes.size,
+      state.symbols,
+      state.favourites,
+      view.search,
+      view.market,
+      view.sort,
+      view.direction,
+    ];
+    if (last && deps.every((d, i) => Object.is(d, last!.deps[i]))) return last.order;
+    last = { deps, order: selectRowOrder(state, view) };
+    return last.order;
+  };
 }
 
 /**
@@ -286,13 +326,20 @@ export function selectRowOrder(
   view: TableView,
 ): string[] {
   const needle = view.search.trim().toUpperCase();
+  const { quotes, favourites } = state;
   const entries: { symbol: string; fav: boolean; value: number | string | null }[] = [];
   for (const symbol of state.symbols) {
     if (needle && !symbol.includes(needle)) continue;
-    const row = symbolRow(state.quotes, symbol, view.market);
-    if (view.market === "SPOT" && !row.spot) continue;
-    if (view.market === "FUTURES" && !row.futures) continue;
-    entries.push({ symbol, fav: state.favourites[symbol] === true, value: sortValue(row, view.sort) });
+    const [spotKey, futuresKey] = keysOf(symbol);
+    const spot = quotes.get(spotKey);
+    const futures = quotes.get(futuresKey);
+    if (view.market === "SPOT" && !spot) continue;
+    if (view.market === "FUTURES" && !futures) continue;
+    entries.push({
+      symbol,
+      fav: favourites[symbol] === true,
+      value: sortValue(view.sort, symbol, spot, futures, view.market),
+    });
   }
   const sign = view.direction === "asc" ? 1 : -1;
   entries.sort((a, b) => {

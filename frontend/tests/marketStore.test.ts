@@ -2,6 +2,7 @@ import { afterEach, beforeEach, describe, expect, it, vi } from "vitest";
 
 import {
   createMarketStore,
+  createRowOrderSelector,
   DEFAULT_VIEW,
   FAVOURITES_KEY,
   selectRowOrder,
@@ -197,5 +198,27 @@ describe("favourites", () => {
     const store = createMarketStore();
     store.getState().loadFavourites();
     expect(store.getState().favourites).toEqual({});
+  });
+});
+
+describe("createRowOrderSelector", () => {
+  it("recomputes only when the order can have changed", () => {
+    const store = createMarketStore();
+    store.getState().applyBatch([quote("BUSDT", "SPOT", 1), quote("AUSDT", "SPOT", 2)]);
+    const select = createRowOrderSelector();
+    const bySymbol = view();
+    const first = select(store.getState(), bySymbol);
+    expect(first).toEqual(["AUSDT", "BUSDT"]);
+
+    store.getState().applyBatch([quote("BUSDT", "SPOT", 3)]); // a price moved
+    expect(select(store.getState(), bySymbol)).toBe(first); // same array: the table skips a render
+
+    const bySpot = view({ sort: "spot", direction: "desc" });
+    expect(select(store.getState(), bySpot)).toEqual(["BUSDT", "AUSDT"]);
+    store.getState().applyBatch([quote("AUSDT", "SPOT", 4)]);
+    expect(select(store.getState(), bySpot)).toEqual(["AUSDT", "BUSDT"]);
+
+    store.getState().applyBatch([quote("AUSDT", "FUTURES", 4)]); // a new stream
+    expect(select(store.getState(), view({ market: "FUTURES" }))).toEqual(["AUSDT"]);
   });
 });
