@@ -212,7 +212,9 @@ export async function startMockHub({ port = 0, host = "127.0.0.1", symbols = 50,
 
   const perBatch = Math.max(0, Math.round((rate * BATCH_MS) / 1000));
   let sent = 0;
+  let paused = false;
   const timer = setInterval(() => {
+    if (paused) return;
     const changed = market.step(perBatch);
     sent += changed.length;
     for (const [ws, subs] of clients) {
@@ -227,6 +229,13 @@ export async function startMockHub({ port = 0, host = "127.0.0.1", symbols = 50,
     url: `http://${host}:${address.port}`,
     market,
     sent: () => sent,
+    /** stop / restart the updates (the baseline of the performance measurement) */
+    pause: () => {
+      paused = true;
+    },
+    resume: () => {
+      paused = false;
+    },
     close: () =>
       new Promise((resolve) => {
         clearInterval(timer);
