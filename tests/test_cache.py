@@ -286,6 +286,40 @@ async def test_older_quote_never_replaces_latest(
     assert await redis.zcard(timeseries_key("SPOT", sym, T0 + 1000)) == 4
 
 
+async def test_writes_are_coalesced_per_window_and_per_full_batch(
+    nats_server: ServerProcess,
+    redis_server: ServerProcess,
+    stages: Running,
+    nc: Nats,
+    redis: aioredis.Redis,
+) -> None:
+    # A 2 s window: everything published at once goes out in one pipeline.
+    stage = await stages.start(settings_for(nats_server, redis_server, cache_flush_ms=2000))
+    a, b = symbol(), symbol()
+    quotes = [quote(a if i % 2 else b, float(i), T0 + 12_000 + i) for i in range(100)]
+    await publish(nc, quotes)
+    await eventually(lambda: written(stage) == 100, "the window's quotes written")
+    assert stage.writer.stats.batches == 1
+    assert await redis.llen(history_key("SPOT", a)) == 50
+    assert await get_quote(redis, latest_key("SPOT", a)) == quotes[-1]
+    assert await get_quote(redis, latest_key("SPOT", b)) == quotes[-2]
+
+    # Full batches do not wait for the window (here a minute long), nor does what queued
+    # behind them.
+    writer = CacheWriter(redis_server.redis_url, flush_ms=60_000, batch_max=10)
+    await writer.start()
+    c = symbol()
+    try:
+        for i in range(25):
+            writer.add(quote(c, float(i), T0 + 13_000 + i))
+        await eventually(lambda: writer.stats.written == 25, "full batches written")
+        assert writer.stats.batches == 3  # 10 + 10 + 5
+    finally:
+        await writer.stop()
+    assert writer.stats.dropped == 0
+    assert await redis.llen(history_key("SPOT", c)) == 25
+
+
 # --- scale-out -----------------------------------------------------------------------------
 
 
