@@ -47,6 +47,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import random
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -703,8 +704,8 @@ def _link_line(link: LinkState, now: float) -> Text | None:
     waited = fmt_age(now - link.since)
     if link.state == "unreachable":
         return Text(
-            f"NATS at {link.url} is unreachable ({link.error or 'no answer'}); "
-            f"retrying for {waited}",
+            f"NATS at {link.url} is unreachable, retrying for {waited}: "
+            f"{link.error or 'no answer'}",
             "bold red",
         )
     if link.state == "reconnecting":
@@ -838,7 +839,8 @@ def _logs_to(ring: deque[LogLine]) -> Iterator[None]:
 
 
 async def probe(url: str, timeout_s: float = 2.0) -> str:
-    """``""`` when a TCP connection to one of the NATS servers in ``url`` opens, else why not."""
+    """``""`` when a TCP connection to one of the NATS servers in ``url`` opens, else why not
+    (nats-py only says "no servers available"; the operator wants "connection refused")."""
     from urllib.parse import urlsplit
 
     from sowcli.bus.nats import servers
@@ -897,12 +899,9 @@ class DashFeed:
             self.state.components.add(component, doc, self.clock())
 
     async def _connect(self) -> Client:
-        """Connect for ever; meanwhile say on screen whether the server answers at all.
-
-        nats-py retries a first connection silently for ever when reconnecting is allowed, so
-        a TCP probe of the servers, once per second while it tries, supplies the reason shown.
-        """
+        """Connect for ever, with a jittered backoff; each failure's reason goes on screen."""
         from sowcli.bus.nats import connect
+        from sowcli.errors import UpstreamError
 
         link = self.state.link
 
@@ -912,25 +911,18 @@ class DashFeed:
         async def up() -> None:
             link.set("connected", self.clock())
 
-        connecting = asyncio.create_task(
-            connect(link.url, name="sow-dash", on_disconnect=down, on_reconnect=up, attempts=0),
-            name="dash-nats-connect",
-        )
-        try:
-            while not connecting.done():
-                link.attempts += 1
-                reason = await probe(link.url)
-                if connecting.done():
-                    break
-                if reason:
-                    link.set("unreachable", self.clock(), reason)
-                else:
-                    link.set("connecting", self.clock())
-                await asyncio.wait({connecting}, timeout=1.0)
-            return connecting.result()
-        finally:
-            if not connecting.done():
-                connecting.cancel()
+        delay = 0.2
+        while True:
+            link.attempts += 1
+            try:
+                return await connect(
+                    link.url, name="sow-dash", on_disconnect=down, on_reconnect=up, attempts=1
+                )
+            except UpstreamError as exc:
+                reason = await probe(link.url) or str(exc).split(" is unreachable: ", 1)[-1]
+                link.set("unreachable", self.clock(), reason)
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 5.0)
 
     async def run(self) -> None:
         """Connect, subscribe and keep going until cancelled (nats-py resubscribes on reconnect)."""
