@@ -16,7 +16,7 @@ from typing import Any
 import typer
 
 from sowcli import __version__
-from sowcli.cli import backfill, infra, publish, query, subscribe
+from sowcli.cli import backfill, dash, infra, publish, query, subscribe
 
 app = typer.Typer(
     name="sow",
@@ -56,6 +56,7 @@ app.command("subscribe", epilog=subscribe.EPILOG)(subscribe.command)
 app.add_typer(infra.app, name="infra")
 app.add_typer(query.app, name="query")
 app.command("backfill", epilog=backfill.EPILOG)(backfill.command)
+app.command("dash", epilog=dash.EPILOG)(dash.command)
 
 
 def main() -> None:
