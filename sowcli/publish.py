@@ -23,7 +23,7 @@ from typing import Any
 
 import httpx
 
-from sowcli.bus.nats import NatsPublisher
+from sowcli.bus.nats import NatsPublisher, instance_id
 from sowcli.config import Settings
 from sowcli.errors import UsageError
 from sowcli.logs import kv
@@ -125,6 +125,7 @@ class Publisher:
         self.feed = Feed(all_handlers, spot_book=settings.spot_book, recorder=self.recorder)
         self.connections: dict[Market, BybitConnection] = {}
         self.started = time.time()
+        self.instance = instance_id()
         self.simulated = source.kind == "simulate"
         self._stale: set[tuple[Market, str]] = set()
 
@@ -154,6 +155,8 @@ class Publisher:
         unknown = sorted({f"{m}:{s}" for m, c in self.connections.items() for s in c.unknown})
         doc: dict[str, Any] = {
             "component": "publisher",
+            "instance": self.instance,
+            "interval_s": self.settings.heartbeat_interval_seconds,
             "state": "running",
             "since": self.started,
             "ts": time.time(),

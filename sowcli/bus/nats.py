@@ -16,7 +16,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
+import socket
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -59,6 +61,11 @@ def quote_filter(symbol: str | None = None, market: str | None = None) -> str:
 
 def status_subject(component: str) -> str:
     return STATUS_PREFIX + component
+
+
+def instance_id() -> str:
+    """``host:pid``: tells apart several processes of one component in heartbeats."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def servers(url: str) -> list[str]:
