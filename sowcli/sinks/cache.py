@@ -422,7 +422,13 @@ class CacheWriter:
             if buf:  # a full batch was taken: the rest has waited long enough
                 self._oldest_mono = 0.0
             self._in_flight = n
-            ok = await self._write(batch)
+            try:
+                ok = await self._write(batch)
+            except Exception as exc:  # a bug must cost this batch, not the stage
+                self.stats.write_errors += 1
+                self.stats.dropped += n
+                log.error("cache flush failed, batch dropped", extra=kv(count=n, error=repr(exc)))
+                ok = True
             self._in_flight = 0
             if ok:
                 delay = 0.05
