@@ -32,6 +32,7 @@ const REFRESH_MS = 30_000;
 /** The last answer of the OHLC endpoint, and which symbol, market and interval it was for. */
 interface Loaded {
   key: string;
+  interval: OhlcInterval;
   candles: Candle[];
   error: string | null;
 }
@@ -74,7 +75,7 @@ function LiveFigures({ quote }: { quote: LiveQuote | undefined }) {
 /** One symbol on one market: the live quote and a candlestick chart with an interval picker. */
 export function DetailView({ symbol, market, initialInterval }: { symbol: string; market: Market; initialInterval: OhlcInterval }) {
   const [interval, pickInterval] = useState<OhlcInterval>(initialInterval);
-  const [loaded, setLoaded] = useState<Loaded>({ key: "", candles: [], error: null });
+  const [loaded, setLoaded] = useState<Loaded>({ key: "", interval: initialInterval, candles: [], error: null });
   const live = useMarket((s) => s.quotes.get(quoteKey(symbol, market)));
   useWebSocket({ symbols: [symbol] });
   const key = `${symbol}:${market}:${interval}`;
@@ -92,11 +93,11 @@ export function DetailView({ symbol, market, initialInterval }: { symbol: string
       controller = new AbortController();
       try {
         const candles = await fetchOhlc(symbol, market, interval, controller.signal);
-        setLoaded({ key, candles, error: null });
+        setLoaded({ key, interval, candles, error: null });
       } catch (exc) {
         if (controller.signal.aborted) return;
         const error = exc instanceof Error ? exc.message : String(exc);
-        setLoaded((prev) => ({ key, candles: prev.key === key ? prev.candles : [], error }));
+        setLoaded((prev) => ({ key, interval, candles: prev.key === key ? prev.candles : [], error }));
       }
     };
     void load();
@@ -167,8 +168,8 @@ export function DetailView({ symbol, market, initialInterval }: { symbol: string
         <CandlestickChart
           candles={loaded.candles}
           live={live}
-          intervalS={intervalSeconds(interval)}
-          fitKey={key}
+          intervalS={intervalSeconds(loaded.interval)}
+          fitKey={loaded.key}
         />
         <p className={styles.hint}>
           Also on{" "}
