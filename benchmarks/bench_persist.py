@@ -16,6 +16,9 @@ FUTURES, every field filled as the live streams fill it), then alternates, ``--r
   one explicit ack per message written in bulk: persist's own delivery path). The ceiling is the
   fastest of them: the most nats-py can take off JetStream here.
 
+QuestDB runs with low worker spin thresholds by default (``--questdb-spin default`` for its
+stock settings; see ``LOW_SPIN_QUESTDB``), and the CPU time of each server per row is printed.
+
 Figures are medians; msgs per CPU-second of this process is printed beside the wall rate because
 all servers share the machine's cores with the benchmark (and, on a shared box, with other work).
 """
@@ -53,6 +56,16 @@ from sowcli.runtime import new_event_loop
 from sowcli.sinks.questdb import ensure_tables
 
 BATCH = 5000
+
+# QuestDB's worker threads spin (yield) for a long while between jobs before they nap. persist
+# writes a batch every few tens of ms, so with the defaults the workers never nap and burn most
+# of a core - on a 2-core box shared with nats-server and persist that is the largest cost of all
+# (measured: ~17 µs CPU/row of QuestDB for intermittent 5,000-row writes, ~5-10 with these).
+LOW_SPIN_QUESTDB = {
+    f"QDB_{pool}_WORKER_{what}_THRESHOLD": value
+    for pool in ("SHARED", "HTTP", "WAL_APPLY")
+    for what, value in (("YIELD", "10"), ("NAP", "20"), ("SLEEP", "100"))
+}
 
 
 def make_quotes(n: int, seed: int = 7) -> list[Quote]:
@@ -219,6 +232,9 @@ async def main(args: argparse.Namespace) -> None:
     home = Path(tempfile.mkdtemp(prefix="sow-bench-persist-"))
     nats_srv = start_nats(home)
     qdb = start_questdb(home, heap=args.heap)
+    if args.questdb_spin == "low":
+        qdb.env.update(LOW_SPIN_QUESTDB)
+        qdb.restart()
     try:
         settings = dataclasses.replace(
             Settings(), nats_url=nats_srv.nats_url, questdb_url=qdb.questdb_url,
@@ -234,7 +250,8 @@ async def main(args: argparse.Namespace) -> None:
         print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
               f"NATS, QuestDB and this process on the same machine")
         print(f"pre-filled {n:,} quotes into JetStream in {fill_s:.1f} s; batch {settings.persist_batch_rows}, "
-              f"flush {settings.persist_flush_ms} ms, {args.lanes} write lane(s)")
+              f"flush {settings.persist_flush_ms} ms, {args.lanes} write lane(s); QuestDB worker spin: "
+              f"{args.questdb_spin}")
         results: dict[str, list[tuple[float, float]]] = {k: [] for k in (*CEILINGS, "persist")}
         applied: list[float] = []
         cpu_us: list[dict[str, float]] = []
@@ -290,6 +307,8 @@ if __name__ == "__main__":
     parser.add_argument("--heap", default="1g", help="QuestDB -Xmx")
     parser.add_argument("--batch-rows", type=int, default=Settings().persist_batch_rows)
     parser.add_argument("--lanes", type=int, default=WRITE_LANES, help="QuestDB writes in flight")
+    parser.add_argument("--questdb-spin", choices=("default", "low"), default="low",
+                        help="QuestDB worker yield/nap/sleep thresholds (see LOW_SPIN_QUESTDB)")
     a = parser.parse_args()
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
         runner.run(main(a))

@@ -375,3 +375,35 @@ async def test_questdb_stopped_and_started_while_quotes_flow_loses_nothing(
         await task
         await nc.close()
     await assert_stored_exactly(qdb, symbol, quotes)
+
+
+# --- the command ---------------------------------------------------------------------------
+
+
+def test_command_passes_flags_to_the_stage(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from sowcli.cli import persist as persist_cli
+
+    started: list[Persister] = []
+    monkeypatch.setattr("sowcli.runtime.run_until_signal", lambda main: started.append(main.__self__))
+    app = typer.Typer()
+    app.command("persist", epilog=persist_cli.EPILOG)(persist_cli.command)
+    app.command("other")(lambda: None)  # a group, so "persist" is a subcommand as in `sow`
+    config = tmp_path / "config.json"
+    config.write_text('{"persist_flush_ms": 100}')
+    result = CliRunner().invoke(app, [
+        "persist", "--config", str(config), "--nats-url", "nats://n:4222",
+        "--questdb-http-url", "http://q:9000", "--questdb-url", "postgres://a:b@q:8812/qdb",
+        "--batch-rows", "2000",
+    ], env={"SOW_PERSIST_ACK_WAIT_SECONDS": "45"})  # fmt: skip
+    assert result.exit_code == 0, result.output
+    (stage,) = started
+    s = stage.settings
+    assert (s.nats_url, s.questdb_http_url, s.questdb_url) == (
+        "nats://n:4222", "http://q:9000", "postgres://a:b@q:8812/qdb"
+    )
+    assert (s.persist_batch_rows, s.persist_flush_ms, s.persist_ack_wait_seconds) == (2000, 100, 45.0)
+    help_text = CliRunner().invoke(app, ["persist", "--help"]).output
+    assert "Examples" in help_text and "sow persist" in help_text
