@@ -307,6 +307,32 @@ async def test_origin_allow_list_and_max_clients(
         assert (s.refused_origin, s.refused_full) == (1, 1)
 
 
+async def test_keepalive_and_message_size_bounds(
+    nats_server: ServerProcess, redis_server: ServerProcess
+) -> None:
+    settings = settings_for(
+        nats_server, redis_server, ws_ping_interval_seconds=0.2, ws_ping_timeout_seconds=0.3,
+        ws_max_message_bytes=1024,
+    )  # fmt: skip
+    async with serving(settings) as server:
+        # a client that answers no ping (its reading is paused) is closed by the server
+        quiet = await connect(url(server), ping_interval=None)
+        await recv(quiet)
+        quiet.transport.pause_reading()
+        await eventually(lambda: not server.bridge.clients, "the keepalive to close it")
+        quiet.transport.abort()
+
+        # a live client answers pings and stays; an oversized message closes it with 1009
+        async with connect(url(server)) as ws:
+            await recv(ws)
+            await asyncio.sleep(1.0)  # several ping intervals
+            assert len(server.bridge.clients) == 1
+            await ws.send(json.dumps({"type": "subscribe", "symbols": ["A" * 2000]}))
+            with pytest.raises(ConnectionClosed) as closed:
+                await recv(ws)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+
+
 # --- slow clients ----------------------------------------------------------------------------
 
 
