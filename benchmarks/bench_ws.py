@@ -8,10 +8,13 @@ temporary folder):
 
 - **serve-ws** — the same code as ``sow serve-ws`` (uvloop, uvicorn, defaults: 100 ms batches,
   permessage-deflate), in its own process; its CPU time and RSS are read from ``/proc``.
-- **clients** — ``--clients`` websockets clients in one separate process (compression on, as
-  browsers do), each subscribed to ``"*"``. For every quote received it records
-  ``now - recv_us``: the time from the publisher's ``nats.publish`` to the client holding the
-  parsed quote (one machine, one clock), in a 1 ms histogram.
+- **clients** — ``--clients`` websockets clients in one separate process (permessage-deflate
+  on, as browsers do), each subscribed to ``"*"``. ``--probes`` of them (spread evenly) parse
+  every message and record, for every quote, ``now - recv_us``: the time from the publisher's
+  ``nats.publish`` to the client holding the parsed quote (one machine, one clock), in a 1 ms
+  histogram. The others receive and inflate every message but do not parse it, so that one
+  process keeps up with all of them (a client process that falls behind would measure its own
+  backlog, not the server).
 - **publisher** — this process: ``--rate`` quotes per second round-robin over the default 15
   symbols × 2 markets, realistic values, ``recv_us`` stamped at publish time, paced every 5 ms.
 
@@ -191,13 +194,18 @@ def percentile(hist: list[int], p: float) -> float:
     return float(len(hist))
 
 
-async def one_run(args: argparse.Namespace, url: str, server_pid: int, nats_url: str) -> dict[str, float]:
-    clients = subprocess.Popen(
+def start_clients(args: argparse.Namespace, url: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
         [sys.executable, "-c", CLIENTS, url, str(args.clients), str(args.probes)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
     )
+
+
+async def one_run(
+    args: argparse.Namespace, clients: subprocess.Popen[str], server_pid: int, nats_url: str
+) -> dict[str, float]:
     assert clients.stdin is not None and clients.stdout is not None
     line = await asyncio.to_thread(clients.stdout.readline)
     if line.strip() != "ready":
@@ -284,7 +292,8 @@ def main() -> None:
         rows = []
         for run in range(1, args.runs + 1):
             with asyncio.Runner(loop_factory=new_event_loop) as runner:
-                row = runner.run(one_run(args, url, server.pid, nats_server.nats_url))
+                clients = start_clients(args, url)
+                row = runner.run(one_run(args, clients, server.pid, nats_server.nats_url))
             rows.append(row)
             print(
                 f"run {run}: serve-ws CPU {row['cpu']:.0f} % of a core, RSS {row['rss']:.0f} MB, "
