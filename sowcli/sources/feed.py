@@ -178,6 +178,7 @@ class Feed:
         frames_in = self.stats.frames_in
         activity = self.activity
         recorder = self.recorder
+        monotonic = time.monotonic
         while True:
             if not queue:
                 self._room.set()
@@ -208,15 +209,17 @@ class Feed:
                 if "topic" not in msg:
                     origin.on_control(msg, recv_us)
                     continue
-                origin.last_data_mono = time.monotonic()
+                now = monotonic()  # one clock read per frame serves both idle and stale checks
+                origin.last_data_mono = now
                 quote = on_message(market, msg, recv_us)
                 if quote is None:
                     continue
-                act = activity.get(quote.key)
+                key = (quote.market, quote.symbol)
+                act = activity.get(key)
                 if act is None:
-                    activity[quote.key] = SymbolActivity(time.monotonic(), quote.ts)
+                    activity[key] = SymbolActivity(now, quote.ts)
                 else:
-                    act.last_mono = time.monotonic()
+                    act.last_mono = now
                     act.last_ts = quote.ts
                 for handler in self.handlers:
                     try:
@@ -229,7 +232,8 @@ class Feed:
                         )
             if len(queue) < self._queue_max:
                 self._room.set()
-            await asyncio.sleep(0)
+            if queue:  # more already waiting: let the socket and the handlers' tasks run first
+                await asyncio.sleep(0)
 
     def ages_s(self) -> dict[tuple[Market, str], float]:
         now = time.monotonic()
