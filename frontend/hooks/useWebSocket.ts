@@ -85,6 +85,7 @@ export interface MarketSocketOptions {
 export const PING_AFTER_MS = 15_000;
 export const STALE_AFTER_MS = 40_000;
 
+const CONNECTING = 0;
 const OPEN = 1;
 
 function defaultScheduleFrame(flush: () => void): void {
@@ -128,8 +129,13 @@ export class MarketSocket {
     this.stopWatchdog();
     const socket = this.socket;
     this.socket = null;
-    if (socket) {
-      socket.onopen = socket.onmessage = socket.onclose = socket.onerror = null;
+    if (!socket) return;
+    socket.onmessage = socket.onclose = socket.onerror = null;
+    if (socket.readyState === CONNECTING) {
+      // closing a socket that is still connecting makes browsers log an error: close on open
+      socket.onopen = () => socket.close(code, reason);
+    } else {
+      socket.onopen = null;
       socket.close(code, reason);
     }
   }

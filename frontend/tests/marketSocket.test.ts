@@ -187,6 +187,17 @@ describe("MarketSocket", () => {
     expect(FakeSocket.instances).toHaveLength(2);
   });
 
+  it("stops while still connecting: the socket is closed as soon as it opens", () => {
+    const h = harness();
+    h.socket.start();
+    const ws = FakeSocket.last;
+    h.socket.stop();
+    expect(ws.closedWith).toBeNull(); // browsers complain about closing a connecting socket
+    ws.open();
+    expect(ws.closedWith).toBe(1000);
+    expect(ws.sent).toEqual([]); // no subscription from a stopped client
+  });
+
   it("stops while waiting to reconnect", () => {
     const h = harness();
     h.socket.start();
