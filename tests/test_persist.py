@@ -377,6 +377,32 @@ async def test_questdb_stopped_and_started_while_quotes_flow_loses_nothing(
     await assert_stored_exactly(qdb, symbol, quotes)
 
 
+async def test_nats_restarted_under_persist_loses_nothing(
+    fresh_nats_server: ServerProcess, questdb_server: ServerProcess
+) -> None:
+    settings = settings_for(fresh_nats_server, questdb_server)
+    symbol = new_symbol()
+    quotes = make_quotes(symbol, 4_000)
+    nc = await nats.connect(settings.nats_url, reconnect_time_wait=0.2, max_reconnect_attempts=-1)
+    stop = asyncio.Event()
+    persister = Persister(settings)
+    task = asyncio.create_task(persister.run(stop))
+    try:
+        await wait_until(lambda: persister.state == "running", 60, "persist to start")
+        await publish(nc, quotes[:2000], pause_every=200)
+        await wait_until(lambda: persister.rows_total >= 1000, 60, "rows before the restart")
+        await asyncio.to_thread(fresh_nats_server.restart)  # JetStream keeps its store
+        await wait_until(lambda: nc.is_connected and persister.status()["nats_connected"], 30,
+                         "both clients to reconnect")
+        await publish(nc, quotes[2000:], pause_every=200)
+        await wait_until(lambda: all_acked(nc, settings, len(quotes)), 60, "every message acked")
+    finally:
+        stop.set()
+        await task
+        await nc.close()
+    await assert_stored_exactly(questdb_server, symbol, quotes)
+
+
 # --- the command ---------------------------------------------------------------------------
 
 
