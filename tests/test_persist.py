@@ -24,7 +24,7 @@ import orjson
 import pytest
 from nats.aio.client import Client
 
-from sowcli.bus.jetstream import ensure_quotes_stream
+from sowcli.bus.jetstream import TERM, ensure_persist_consumer, ensure_quotes_stream, send_acks
 from sowcli.bus.nats import quote_subject
 from sowcli.config import Settings
 from sowcli.infra import ServerProcess
@@ -187,6 +187,37 @@ async def test_stream_is_created_once_and_updated_when_limits_change(
         assert info.config.max_bytes == 64 * 1024**2
         assert info.state.messages == 1  # updating kept the stored messages
         assert (await ensure_quotes_stream(nc, changed)).config.max_bytes == 64 * 1024**2
+    finally:
+        await nc.close()
+
+
+class PublishOnly:
+    """A client without nats-py's internal write call: send_acks must fall back to publish."""
+
+    def __init__(self, nc: Client) -> None:
+        self.publish = nc.publish
+        self.is_closed = False
+
+
+@pytest.mark.parametrize("bulk", [True, False], ids=["bulk-write", "publish-fallback"])
+async def test_send_acks_acknowledges_each_message(fresh_nats_server: ServerProcess, bulk: bool) -> None:
+    settings = dataclasses.replace(Settings(), nats_url=fresh_nats_server.nats_url)
+    nc = await nats.connect(settings.nats_url)
+    try:
+        js = nc.jetstream()
+        await ensure_quotes_stream(js, settings)
+        await ensure_persist_consumer(js, settings)
+        await publish(nc, make_quotes(new_symbol(), 50))
+        sub = await js.pull_subscribe_bind(settings.persist_consumer, settings.stream_name)
+        msgs: list[Any] = []
+        while len(msgs) < 50:
+            msgs += await sub.fetch(50 - len(msgs), timeout=5)
+        client: Any = nc if bulk else PublishOnly(nc)
+        await send_acks(client, [m.reply for m in msgs[:40]])
+        await send_acks(client, [m.reply for m in msgs[40:]], TERM)
+        await nc.flush()
+        info = await consumer_info(nc, settings)
+        assert (info.num_ack_pending, info.num_pending, info.ack_floor.stream_seq) == (0, 0, 50)
     finally:
         await nc.close()
 
