@@ -201,10 +201,10 @@ async def seed_history(qdb: ServerProcess, symbol: str, now_ms: int) -> int:
 
 @pytest.fixture
 def hub_url(
+    browser_tools: dict[str, str],  # first: skip before starting any server
     fresh_nats_server: ServerProcess,
     redis_server: ServerProcess,
     questdb_server: ServerProcess,
-    browser_tools: dict[str, str],
 ) -> Iterator[tuple[str, list[str]]]:
     """A running hub (publish → NATS → cache/persist → serve-api) on simulated symbols of this
     test's own; yields (base URL, symbols). NATS is this test's own: its JetStream stream QUOTES
