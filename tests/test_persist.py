@@ -374,7 +374,9 @@ async def test_questdb_stopped_and_started_while_quotes_flow_loses_nothing(
     fresh_nats_server: ServerProcess, fresh_questdb_server: ServerProcess
 ) -> None:
     qdb = fresh_questdb_server
-    settings = settings_for(fresh_nats_server, qdb)
+    # ack wait well below the outage (a QuestDB restart takes seconds), so only the "in progress"
+    # signals keep the held quotes from being redelivered
+    settings = settings_for(fresh_nats_server, qdb, persist_ack_wait_seconds=4.0)
     symbol = new_symbol()
     quotes = make_quotes(symbol, 8_000)
     nc = await nats.connect(settings.nats_url)
