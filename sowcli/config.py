@@ -102,6 +102,9 @@ class Settings:
         100_000, "quotes held while NATS is unreachable; beyond it the oldest are dropped (counted)"
     )
     heartbeat_interval_seconds: float = _key(1.0, "interval of sow.status.* heartbeats")
+    publish_ensure_stream: bool = _key(
+        True, "`sow publish` creates/updates the JetStream stream for `sow persist` at start"
+    )
     # --- storage and serving ---------------------------------------------------------------
     dragonfly_url: str = _key(
         "redis://localhost:6379/0", "Dragonfly/Redis URL (host:port accepted)", "DRAGONFLY_URL"

@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from nats.aio.client import Client
 
 from sowcli.bus.nats import NatsPublisher, instance_id
 from sowcli.config import Settings
-from sowcli.errors import UsageError
+from sowcli.errors import UpstreamError, UsageError
 from sowcli.logs import kv
 from sowcli.model import MARKET_NAMES, Market
 from sowcli.sources.bybit import BybitConnection
@@ -118,7 +119,13 @@ class Publisher:
         self.markets: list[Market] = [MARKET_NAMES[m] for m in settings.markets]
         self.recorder = Recorder(record.open("ab")) if record else None
         self.nats = (
-            NatsPublisher(settings.nats_url, buffer_max=settings.publish_buffer) if nats else None
+            NatsPublisher(
+                settings.nats_url,
+                buffer_max=settings.publish_buffer,
+                on_first_connect=self._ensure_stream if settings.publish_ensure_stream else None,
+            )
+            if nats
+            else None
         )
         all_handlers: list[QuoteHandler] = [self.nats] if self.nats else []
         all_handlers += list(handlers)
@@ -128,6 +135,18 @@ class Publisher:
         self.instance = instance_id()
         self.simulated = source.kind == "simulate"
         self._stale: set[tuple[Market, str]] = set()
+
+    async def _ensure_stream(self, nc: Client) -> None:
+        """The JetStream stream that lets ``sow persist`` lose nothing exists before we publish."""
+        from sowcli.bus.jetstream import ensure_quotes_stream
+
+        try:
+            await ensure_quotes_stream(nc, self.settings)
+        except UpstreamError as exc:
+            log.warning(
+                f"quotes are not captured for sow persist: {exc}",
+                extra=kv(stream=self.settings.stream_name),
+            )
 
     # --- status ------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:

@@ -348,12 +348,12 @@ async def test_heartbeat_reports_connections_counters_and_ages(nats_server: Any)
 
 async def test_nats_restart_under_a_running_publisher_loses_nothing(fresh_nats_server: Any) -> None:
     """NATS goes away while Bybit keeps sending: quotes are buffered, published once NATS is
-    back, and the exchange connection stays up throughout. A JetStream stream (file storage,
-    kept across the restart) sees every quote the listener produced."""
+    back, and the exchange connection stays up throughout. The QUOTES JetStream stream that
+    publish creates at start (file storage, kept across the restart) sees every quote the
+    listener produced."""
     url = fresh_nats_server.nats_url
     nc = await nats.connect(url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
     js = nc.jetstream()
-    await js.add_stream(name="T", subjects=["quotes.>"])
     async with FakeBybit(valid_symbols={"BTCUSDT"}, auto=False, initial_snapshot=False) as ex:
         s = settings_for(ex, url, symbols=["BTCUSDT"], markets=["futures"])
         pub = Publisher(s, source=SourceSpec("bybit"))
@@ -373,14 +373,14 @@ async def test_nats_restart_under_a_running_publisher_loses_nothing(fresh_nats_s
             assert pub.nats.stats.dropped == 0
             assert ex.connects["linear"] == 1  # the exchange side never reconnected
             await until(lambda: nc.is_connected, 30)
-            info = await js.stream_info("T")
+            info = await js.stream_info("QUOTES")
             for _ in range(100):
                 if info.state.messages >= 51:
                     break
                 await asyncio.sleep(0.05)
-                info = await js.stream_info("T")
+                info = await js.stream_info("QUOTES")
             assert info.state.messages == 51
-            last = await js.get_last_msg("T", "quotes.futures.BTCUSDT")
+            last = await js.get_last_msg("QUOTES", "quotes.futures.BTCUSDT")
             assert decode_quote(last.data).price == 150.0
     await nc.close()
 

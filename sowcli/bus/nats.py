@@ -155,8 +155,16 @@ class NatsPublisher:
     beyond that, and counted); they are published in order once the connection is back.
     """
 
-    def __init__(self, url: str, *, buffer_max: int = 100_000, name: str = "sow-publish") -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        buffer_max: int = 100_000,
+        name: str = "sow-publish",
+        on_first_connect: Callable[[Client], Awaitable[None]] | None = None,
+    ) -> None:
         self.url = url
+        self.on_first_connect = on_first_connect
         self.name = name
         self.buffer_max = buffer_max
         self.stats = PublisherStats()
@@ -189,9 +197,16 @@ class NatsPublisher:
             self._connected.set()
             self._wake.set()
 
-        self.nc = await connect(
+        nc = await connect(
             self.url, name=self.name, on_disconnect=down, on_reconnect=up, attempts=0
         )
+        if self.on_first_connect is not None:
+            # e.g. make sure the JetStream stream exists before the first quote is published
+            try:
+                await self.on_first_connect(nc)
+            except Exception as exc:
+                log.warning("nats setup step failed", extra=kv(error=str(exc) or repr(exc)))
+        self.nc = nc
         await up()
 
     async def on_quote(self, quote: Quote) -> None:
