@@ -8,9 +8,10 @@ The durable consumer (``persist_consumer``) is shared by every ``sow persist`` p
 
 Design: pull consumer, explicit acks written in bulk
 ----------------------------------------------------
-Bare consume + ack loops measured on the 2-core development box, nats-server co-located (nats-py
-2.16, uvloop, 200-300k pre-filled quotes, interleaved rounds, median; client CPU in brackets; the
-box was shared with other work, so wall figures vary by +-30 %, the CPU figures much less)::
+Bare consume + ack loops (no decoding, nothing written) measured on the 2-core development box
+with nats-server co-located (nats-py 2.16, uvloop). Client CPU per message is the stable figure;
+wall rates varied two- to three-fold with the load other work put on the shared box. First
+exploration (200-300k quotes, interleaved rounds, medians)::
 
     push + callback, one AckAll every 5,000           ~115-150k msg/s  (~190k msg/CPU-s)
     push + deliver group, msg.ack() per message        ~ 77k msg/s      (~125k msg/CPU-s)
@@ -18,6 +19,9 @@ box was shared with other work, so wall figures vary by +-30 %, the CPU figures 
     pull, own NEXT requests, acks written in bulk      ~ 64k msg/s      (~177k msg/CPU-s)
     pull, own NEXT requests, one AckAll per batch      ~ 75k msg/s      (~188k msg/CPU-s)
     pull, nats-py ``fetch(5000)``                      ~ 27k msg/s
+
+``benchmarks/bench_persist.py`` (500k quotes, 3 runs, medians) repeats the three contenders as
+its ceilings: push + AckAll ~171k, pull + AckAll ~166k, pull + bulk explicit acks ~157k msg/CPU-s.
 
 AckAll is the cheapest, but it acknowledges every pending message below the acked one - also
 those another ``persist`` process holds and has not written yet: a crash of that process would
