@@ -8,10 +8,41 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from sowcli.errors import ConfigError
+
 T = TypeVar("T")
+
+
+def bind_socket(host: str, port: int, *, what: str = "server") -> socket.socket:
+    """A listening TCP socket (port 0: any free port); ConfigError naming the address when it
+    cannot be bound."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(
+            f"{what}: cannot listen on {host}:{port}: {exc.strerror or exc}"
+        ) from None
+    sock.setblocking(False)
+    return sock
+
+
+def backoff_s(attempt: int, cap_s: float, base_s: float = 0.5) -> float:
+    """Capped exponential backoff with full jitter for the ``attempt``-th retry (1-based):
+    tenacity's ``wait_random_exponential``, usable outside a tenacity retry loop."""
+    from tenacity import RetryCallState, wait_random_exponential
+
+    state = RetryCallState(None, None, (), {})  # type: ignore[arg-type]  # only attempt_number is read
+    state.attempt_number = max(1, attempt)
+    return float(wait_random_exponential(multiplier=base_s, max=cap_s)(state))
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:

@@ -11,8 +11,8 @@ pushes every received frame into the shared :class:`~sowcli.sources.feed.Feed`. 
 - sends the text ping ``{"op":"ping"}`` every ``ping_interval_seconds``; no pong within
   ``pong_timeout_seconds``, or no data frame for ``idle_timeout_seconds`` -> reconnect;
 - reconnects with capped, jittered exponential backoff (tenacity's ``wait_random_exponential``
-  capped at ``reconnect_timeout_seconds``) and resubscribes everything. ``max_retries`` consecutive
-  failed attempts (0 = never give up) raise :class:`~sowcli.errors.RetriesExhausted`, so that
+  via :func:`sowcli.runtime.backoff_s`, capped at ``reconnect_timeout_seconds``) and
+  resubscribes everything. ``max_retries`` consecutive failed attempts (0 = never give up) raise :class:`~sowcli.errors.RetriesExhausted`, so that
   ``sow publish`` exits non-zero and a supervisor can restart it. A session that delivered data
   resets the count.
 
@@ -36,13 +36,12 @@ from typing import Any
 
 import orjson
 from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
-from tenacity import wait_random_exponential
-from tenacity.wait import wait_base
 
 from sowcli.config import RENAMED_SYMBOLS, Settings
 from sowcli.errors import RetriesExhausted
 from sowcli.logs import kv
 from sowcli.model import Market
+from sowcli.runtime import backoff_s
 from sowcli.sources.feed import Feed, Recorder, now_us
 
 log = logging.getLogger("sow.bybit")
@@ -132,9 +131,6 @@ class BybitConnection:
         self.last_data_mono = 0.0
         self._stop = asyncio.Event()
         self._args_max = SPOT_ARGS_MAX if market == "SPOT" else LINEAR_ARGS_MAX
-        self._wait: wait_base = wait_random_exponential(
-            multiplier=0.5, max=settings.reconnect_timeout_seconds
-        )
 
     # --- picows callbacks (synchronous, on the event loop) ------------------------------------
     def _on_connected(self, transport: WSTransport) -> None:
@@ -267,7 +263,7 @@ class BybitConnection:
                     f"Bybit {self.market.lower()} ({self.url}): {attempt} consecutive connection "
                     f"attempts failed (max_retries={limit}); last error: {error}"
                 )
-            delay = 0.0 if healthy else self._backoff(attempt)
+            delay = 0.0 if healthy else backoff_s(attempt, self.settings.reconnect_timeout_seconds)
             log.warning(
                 "bybit connection lost, reconnecting",
                 extra=kv(
@@ -279,13 +275,6 @@ class BybitConnection:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), timeout=delay)
         self.stats.state = "stopped"
-
-    def _backoff(self, attempt: int) -> float:
-        from tenacity import RetryCallState
-
-        state = RetryCallState(None, None, (), {})  # type: ignore[arg-type]  # only attempt_number is read
-        state.attempt_number = attempt
-        return float(self._wait(state))
 
     async def _session(self) -> str:
         """One connection's life; returns why it ended."""
