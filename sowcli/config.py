@@ -102,6 +102,10 @@ class Settings:
         100_000, "quotes held while NATS is unreachable; beyond it the oldest are dropped (counted)"
     )
     heartbeat_interval_seconds: float = _key(1.0, "interval of sow.status.* heartbeats")
+    metrics_port: int = _key(
+        0, "serve Prometheus metrics of a long-running stage on this port (0 = off)"
+    )
+    metrics_host: str = _key("127.0.0.1", "address the --metrics-port server binds")
     publish_ensure_stream: bool = _key(
         True, "`sow publish` creates/updates the JetStream stream for `sow persist` at start"
     )
@@ -315,6 +319,8 @@ def _check(key: str, value: Any) -> Any:
         if norm not in ("kv", "json"):
             raise ValueError(f"{value!r} is not kv or json")
         return norm
+    if key == "metrics_port" and not 0 <= value <= 65535:
+        raise ValueError("must be a TCP port (1-65535) or 0 for off")
     if key == "max_retries" and value < 0:
         raise ValueError("must be 0 (forever) or more")
     if (

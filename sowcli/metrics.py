@@ -192,4 +192,35 @@ async def serve_metrics(
         await server.wait_closed()
 
 
-__all__ = ["StatusCollector", "registry_for", "serve_metrics", "status_metrics"]
+class Stage(HasStatus, Protocol):
+    async def run(self, stop: asyncio.Event | None = None) -> None: ...
+
+
+async def run_with_metrics(
+    stage: Stage, component: str, stop: asyncio.Event, *, host: str, port: int
+) -> None:
+    """Run ``stage`` until ``stop``; with ``port`` > 0 also serve its metrics meanwhile."""
+    if not port:
+        await stage.run(stop)
+        return
+    registry = registry_for(lambda: [(component, stage)])
+    metrics_stop = asyncio.Event()
+    server = asyncio.create_task(serve_metrics(registry, host, port, metrics_stop))
+    await asyncio.sleep(0)
+    if server.done():
+        server.result()  # cannot listen: a ConfigError naming the port
+    try:
+        await stage.run(stop)
+    finally:
+        metrics_stop.set()
+        with contextlib.suppress(Exception):
+            await server
+
+
+__all__ = [
+    "StatusCollector",
+    "registry_for",
+    "run_with_metrics",
+    "serve_metrics",
+    "status_metrics",
+]

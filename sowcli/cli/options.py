@@ -45,6 +45,14 @@ MarketsOpt = Annotated[
         "--markets", "-m", help="Comma-separated markets: spot,futures.", show_default=False
     ),
 ]
+MetricsPortOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--metrics-port",
+        help="Serve Prometheus metrics on this port (GET /metrics); 0 = off.",
+        show_default=False,
+    ),
+]
 FormatOpt = Annotated[
     str, typer.Option("--format", "-f", help="Output format: table, json or csv.")
 ]

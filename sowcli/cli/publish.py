@@ -12,6 +12,7 @@ from sowcli.cli.options import (
     LogFormatOpt,
     LogLevelOpt,
     MarketsOpt,
+    MetricsPortOpt,
     NatsUrlOpt,
     SymbolsOpt,
     settings_from,
@@ -24,7 +25,8 @@ EPILOG = (
     "  sow publish --symbols BTCUSDT,ETHUSDT --markets futures\n\n"
     "  sow publish --source simulate                 # generated data, labelled simulated\n\n"
     "  sow publish --source replay:session.jsonl.gz --speed max\n\n"
-    "  sow publish --record session.jsonl            # keep every raw frame"
+    "  sow publish --record session.jsonl            # keep every raw frame\n\n"
+    "  sow publish --metrics-port 9101               # Prometheus metrics on :9101/metrics"
 )
 
 
@@ -61,11 +63,13 @@ def command(
             show_default=False,
         ),
     ] = None,
+    metrics_port: MetricsPortOpt = None,
     config: ConfigOpt = None,
     log_level: LogLevelOpt = None,
     log_format: LogFormatOpt = None,
 ) -> None:
     """Stream Bybit tickers and publish one Quote JSON per update to NATS."""
+    from sowcli.metrics import run_with_metrics
     from sowcli.publish import Publisher, SourceSpec, parse_speed
     from sowcli.runtime import run_until_signal
 
@@ -77,9 +81,14 @@ def command(
         spot_book=spot_book,
         log_level=log_level,
         log_format=log_format,
+        metrics_port=metrics_port,
     )
     setup(settings)
     pub = Publisher(
         settings, source=SourceSpec.parse(source), speed=parse_speed(speed), record=record
     )
-    run_until_signal(pub.run)
+    run_until_signal(
+        lambda stop: run_with_metrics(
+            pub, "publisher", stop, host=settings.metrics_host, port=settings.metrics_port
+        )
+    )
