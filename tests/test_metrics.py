@@ -53,7 +53,7 @@ def test_heartbeat_fields_become_counters_gauges_and_labels() -> None:
     assert s[("sow_publisher_markets_frames_in_total", (("market", "SPOT"),))] == 4
     assert s[("sow_publisher_last_age_s", (("key", "SPOT:BTCUSDT"),))] == 0.5
     assert s[("sow_publisher_unknown_symbols_count", ())] == 1
-    assert "# TYPE sow_publisher_frames_in counter" in text
+    assert "# TYPE sow_publisher_frames_in_total counter" in text
 
 
 def test_a_failing_status_does_not_break_the_scrape() -> None:
