@@ -529,6 +529,19 @@ async def test_real_server_over_tcp_with_websocket(
             )
             assert seed.status_code == 200 and seed.json()["count"] >= 24
 
+        # bounded request heads over a real socket: JSON 414 and 431, never a hang
+        for head, status in (
+            (b"GET /?q=" + b"x" * 9000 + b" HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n", 414),
+            (b"GET /health HTTP/1.1\r\nHost: t\r\nX-Big: " + b"y" * 100_000 + b"\r\n\r\n", 431),
+        ):
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(head)
+            answer = await asyncio.wait_for(reader.read(), WAIT_S)
+            writer.close()
+            top, _, body = answer.partition(b"\r\n\r\n")
+            assert top.startswith(b"HTTP/1.1 %d" % status), top[:80]
+            assert set(orjson.loads(body)) == {"error", "detail"}
+
         await asyncio.wait_for(server.service.bridge.subscribed.wait(), WAIT_S)
         async with ws_connect(f"ws://127.0.0.1:{server.port}/ws") as ws:
             assert json.loads(await ws.recv())["type"] == "status"

@@ -1307,12 +1307,49 @@ class _Server(uvicorn.Server):
         yield  # sow's runtime (run_until_signal) owns SIGINT/SIGTERM
 
 
-def _http_impl() -> str:
+MAX_HEAD_BYTES = 32 * 1024
+"""Most bytes of a request line plus headers (httptools itself accepts any size)."""
+
+
+def _http_impl() -> type[asyncio.Protocol] | str:
+    """uvicorn's httptools protocol with a bound on request heads; h11 (bounded by
+    ``h11_max_incomplete_event_size``) when httptools is missing."""
     try:
-        import httptools  # noqa: F401
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
     except ImportError:  # pragma: no cover - httptools is a dependency
         return "h11"
-    return "httptools"
+
+    class BoundedHttpToolsProtocol(HttpToolsProtocol):
+        _in_head = True
+        _head_bytes = 0
+
+        def data_received(self, data: bytes) -> None:
+            if self._in_head:
+                self._head_bytes += len(data)
+                if self._head_bytes > MAX_HEAD_BYTES:
+                    body = orjson.dumps({
+                        "error": "too_large",
+                        "detail": f"request line and headers are limited to {MAX_HEAD_BYTES} bytes",
+                    })  # fmt: skip
+                    self.transport.write(
+                        b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+                        b"content-type: application/json\r\nconnection: close\r\n"
+                        b"content-length: %d\r\n\r\n%b" % (len(body), body)
+                    )
+                    self.transport.close()
+                    return
+            super().data_received(data)
+
+        def on_headers_complete(self) -> None:
+            self._in_head = False
+            super().on_headers_complete()
+
+        def on_message_complete(self) -> None:
+            self._in_head = True
+            self._head_bytes = 0
+            super().on_message_complete()
+
+    return BoundedHttpToolsProtocol
 
 
 async def serve_asgi(
