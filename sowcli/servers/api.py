@@ -61,6 +61,7 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import orjson
 from fastapi import FastAPI, Query
@@ -122,6 +123,7 @@ MAX_LATEST_SYMBOLS = 1000
 QUERY_CACHE_BYTES = 64 * 1024 * 1024  # answers kept by the short-lived cache, all together
 RATE_LIMIT_EXEMPT = ("/metrics",)  # scraped by Prometheus, costs nothing
 RATE_LIMIT_TRACKED = 50_000  # client IPs remembered by the rate limiter
+QUESTDB_BREAKER_S = 1.0  # after a QuestDB failure, answer 503 at once for this long
 JSON = "application/json"
 _METHODS = frozenset(("GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE"))
 
@@ -400,6 +402,10 @@ class ApiService:
             timeout_s=s.api_questdb_timeout_seconds,
         )
         self.qdb_timeout_s = s.api_questdb_timeout_seconds
+        where = urlsplit(s.questdb_url)
+        self.qdb_where = f"{where.hostname or 'localhost'}:{where.port or 8812}"
+        self._qdb_down_until = 0.0
+        self._qdb_error = ""
         self.cache = QueryCache(s.api_query_cache_ms / 1000, s.api_query_cache_entries)
         self.limiter = RateLimiter(s.api_rate_limit_per_second, s.api_rate_limit_burst)
         self.instance = f"{socket.gethostname()}:{os.getpid()}"
@@ -515,20 +521,36 @@ class ApiService:
         )
 
     # --- backends --------------------------------------------------------------------------
-    async def _questdb(self, work: Awaitable[query.Rows]) -> query.Rows | None:
-        """Run one query from :mod:`sowcli.query` with the API's timeout; None: no table yet."""
+    async def _questdb(self, work: Callable[[], Awaitable[query.Rows]]) -> query.Rows | None:
+        """Run one query from :mod:`sowcli.query` with the API's timeout; None: no table yet.
+
+        After a failure or a timeout QuestDB is skipped for :data:`QUESTDB_BREAKER_S` (requests
+        fail fast with 503 instead of each waiting out the timeout); /health always tries.
+        """
+        if time.monotonic() < self._qdb_down_until:
+            raise ApiError(503, "unavailable", f"{self._qdb_error} (retrying)")
         try:
-            return await bounded(work, self.qdb_timeout_s)
+            return await bounded(work(), self.qdb_timeout_s)
         except TimeoutError:
-            self.metrics.dependency_errors.labels("questdb").inc()
             waited = format_duration(timedelta(seconds=self.qdb_timeout_s))
-            raise ApiError(504, "timeout", f"QuestDB did not answer within {waited}") from None
+            raise self._qdb_failed(
+                504, "timeout", f"QuestDB did not answer within {waited}"
+            ) from None
         except query.TableMissing as exc:
             log.debug("questdb table missing", extra=kv(error=str(exc)))
             return None
         except UpstreamError as exc:
-            self.metrics.dependency_errors.labels("questdb").inc()
-            raise ApiError(503, "unavailable", str(exc)) from None
+            raise self._qdb_failed(503, "unavailable", self._qdb_text(exc)) from None
+
+    def _qdb_failed(self, status: int, error: str, detail: str) -> ApiError:
+        self.metrics.dependency_errors.labels("questdb").inc()
+        self._qdb_down_until = time.monotonic() + QUESTDB_BREAKER_S
+        self._qdb_error = detail
+        return ApiError(status, error, detail)
+
+    def _qdb_text(self, exc: Exception) -> str:
+        # sowcli.query names the server only once it has a connection
+        return str(exc).replace("QuestDB at QuestDB ", f"QuestDB at {self.qdb_where} ")
 
     async def _cached(self, key: Hashable, compute: Callable[[], Awaitable[bytes]]) -> Response:
         body, hit = await self.cache.get(key, compute)
@@ -577,16 +599,22 @@ class ApiService:
         self, wanted: list[str] | None, market: Market | None, *, required: bool
     ) -> Response:
         one = wanted[0] if wanted and len(wanted) == 1 else None
-        rows = await self._questdb(query.latest(self.pool, symbol=one, market=market))
-        quotes = _rows_quotes(rows)
-        if wanted is not None and one is None:
-            chosen = set(wanted)
-            quotes = [q for q in quotes if q["symbol"] in chosen]
-        if not quotes and not required:
+
+        async def compute() -> bytes:
+            rows = await self._questdb(lambda: query.latest(self.pool, symbol=one, market=market))
+            quotes = _rows_quotes(rows)
+            if wanted is not None and one is None:
+                chosen = set(wanted)
+                quotes = [q for q in quotes if q["symbol"] in chosen]
+            return orjson.dumps({"source": "questdb", "count": len(quotes), "quotes": quotes})
+
+        # LATEST ON scans every partition: repeated fallbacks share one answer like history does
+        key = ("latest", tuple(wanted) if wanted else None, market)
+        body, _hit = await self.cache.get(key, compute)
+        if not required and body.startswith(b'{"source":"questdb","count":0,'):
             raise ApiError(404, "not_found", "no quotes in QuestDB either")
         self.latest_from["questdb"] += 1
         self.metrics.latest_source.labels("questdb").inc()
-        body = orjson.dumps({"source": "questdb", "count": len(quotes), "quotes": quotes})
         return _json(body, {"X-Sow-Source": "questdb", "Cache-Control": "no-store"})
 
     async def history(
@@ -604,7 +632,9 @@ class ApiService:
 
         async def compute() -> bytes:
             rows = await self._questdb(
-                query.history(self.pool, sym, mkt, rng, limit=limit, newest_first=order == "desc")
+                lambda: query.history(
+                    self.pool, sym, mkt, rng, limit=limit, newest_first=order == "desc"
+                )
             )
             quotes = _rows_quotes(rows)
             doc = {
@@ -621,7 +651,7 @@ class ApiService:
         span = parse_duration(window, param="window", max_span=MAX_RANGE)
 
         async def compute() -> bytes:
-            rows = await self._questdb(query.stats(self.pool, sym, mkt, window=span))
+            rows = await self._questdb(lambda: query.stats(self.pool, sym, mkt, window=span))
             if rows is None:  # no table yet: nothing stored
                 now = datetime.now(UTC)
                 values: dict[str, Any] = dict.fromkeys(query.STATS_COLUMNS)
@@ -648,7 +678,9 @@ class ApiService:
         rng = time_range(start, end, default_span=OHLC_SPAN, max_span=MAX_RANGE)
 
         async def compute() -> bytes:
-            rows = await self._questdb(query.ohlc(self.pool, sym, mkt, step, rng, fill=fill))
+            rows = await self._questdb(
+                lambda: query.ohlc(self.pool, sym, mkt, step, rng, fill=fill)
+            )
             candles = [{k: _stamp(v) for k, v in d.items()} for d in rows.dicts()] if rows else []
             doc = {
                 "symbol": sym, "market": mkt, "interval": step.name, "fill": fill,
@@ -661,7 +693,11 @@ class ApiService:
 
     async def _questdb_ping(self) -> float:
         started = time.perf_counter()
-        await query.fetch(self.pool, "SELECT 1", timeout_s=HEALTH_TIMEOUT_S)
+        try:
+            await query.fetch(self.pool, "SELECT 1", timeout_s=HEALTH_TIMEOUT_S)
+        except UpstreamError as exc:
+            raise UpstreamError(self._qdb_text(exc)) from None
+        self._qdb_down_until = 0.0  # answering again: no need to wait for the breaker
         return (time.perf_counter() - started) * 1000
 
     async def health(self) -> Response:
