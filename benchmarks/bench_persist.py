@@ -119,7 +119,11 @@ async def push_ackall(nc: Client, js: JetStreamContext, stream: str, name: str, 
                 done.set()
 
     sub = await js.subscribe(
-        "quotes.>", stream=stream, durable=name, cb=cb, manual_ack=True,
+        "quotes.>",
+        stream=stream,
+        durable=name,
+        cb=cb,
+        manual_ack=True,
         pending_msgs_limit=200_000,
         config=ConsumerConfig(ack_policy=AckPolicy.ALL, max_ack_pending=4 * BATCH),
     )
@@ -128,11 +132,23 @@ async def push_ackall(nc: Client, js: JetStreamContext, stream: str, name: str, 
 
 
 async def _pull_loop(
-    nc: Client, js: JetStreamContext, stream: str, name: str, n: int, policy: AckPolicy,
+    nc: Client,
+    js: JetStreamContext,
+    stream: str,
+    name: str,
+    n: int,
+    policy: AckPolicy,
     ack: Callable[[list[str]], Awaitable[None]],
 ) -> None:
-    await js.add_consumer(stream, ConsumerConfig(
-        durable_name=name, ack_policy=policy, max_ack_pending=20 * BATCH, filter_subject="quotes.>"))
+    await js.add_consumer(
+        stream,
+        ConsumerConfig(
+            durable_name=name,
+            ack_policy=policy,
+            max_ack_pending=20 * BATCH,
+            filter_subject="quotes.>",
+        ),
+    )
     inbox = nc.new_inbox()
     subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{name}"
     request = json.dumps({"batch": BATCH, "expires": 5_000_000_000}).encode()
@@ -237,8 +253,11 @@ async def main(args: argparse.Namespace) -> None:
         qdb.restart()
     try:
         settings = dataclasses.replace(
-            Settings(), nats_url=nats_srv.nats_url, questdb_url=qdb.questdb_url,
-            questdb_http_url=qdb.questdb_http_url, heartbeat_interval_seconds=1.0,
+            Settings(),
+            nats_url=nats_srv.nats_url,
+            questdb_url=qdb.questdb_url,
+            questdb_http_url=qdb.questdb_http_url,
+            heartbeat_interval_seconds=1.0,
             persist_batch_rows=args.batch_rows,
         )
         nc = await nats.connect(nats_srv.nats_url, pending_size=8 * 1024 * 1024)
@@ -247,11 +266,15 @@ async def main(args: argparse.Namespace) -> None:
         n = len(quotes)
         fill_s = await prefill(nc, settings, quotes)
         del quotes
-        print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
-              f"NATS, QuestDB and this process on the same machine")
-        print(f"pre-filled {n:,} quotes into JetStream in {fill_s:.1f} s; batch {settings.persist_batch_rows}, "
-              f"flush {settings.persist_flush_ms} ms, {args.lanes} write lane(s); QuestDB worker spin: "
-              f"{args.questdb_spin}")
+        print(
+            f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
+            f"NATS, QuestDB and this process on the same machine"
+        )
+        print(
+            f"pre-filled {n:,} quotes into JetStream in {fill_s:.1f} s; batch {settings.persist_batch_rows}, "
+            f"flush {settings.persist_flush_ms} ms, {args.lanes} write lane(s); QuestDB worker spin: "
+            f"{args.questdb_spin}"
+        )
         results: dict[str, list[tuple[float, float]]] = {k: [] for k in (*CEILINGS, "persist")}
         applied: list[float] = []
         cpu_us: list[dict[str, float]] = []
@@ -264,17 +287,25 @@ async def main(args: argparse.Namespace) -> None:
                 await loop(nc, js, settings.stream_name, f"bench-{name}-{run}", n)
                 dt, dc = time.perf_counter() - t0, time.process_time() - c0
                 results[name].append((n / dt, n / dc))
-                print(f"run {run}  {name:12s} {n / dt:9,.0f} msgs/s  {n / dc:9,.0f} msgs/CPU-s", flush=True)
+                print(
+                    f"run {run}  {name:12s} {n / dt:9,.0f} msgs/s  {n / dc:9,.0f} msgs/CPU-s",
+                    flush=True,
+                )
             await asyncio.to_thread(truncate, qdb)
             await wait_applied(qdb)
             cfg = dataclasses.replace(settings, persist_consumer=f"bench-persist-{run}")
             dt, dc, ap, used = await run_persist(cfg, qdb, n, servers, args.lanes)
             results["persist"].append((n / dt, n / dc))
             applied.append(n / ap)
-            per_row = {name: round(sec / n * 1e6, 1) for name, sec in {"persist": dc, **used}.items()}
+            per_row = {
+                name: round(sec / n * 1e6, 1) for name, sec in {"persist": dc, **used}.items()
+            }
             cpu_us.append(per_row)
-            print(f"run {run}  {'persist':12s} {n / dt:9,.0f} rows/s  {n / dc:9,.0f} rows/CPU-s  "
-                  f"(applied by QuestDB: {n / ap:,.0f} rows/s; CPU µs per row: {per_row})", flush=True)
+            print(
+                f"run {run}  {'persist':12s} {n / dt:9,.0f} rows/s  {n / dc:9,.0f} rows/CPU-s  "
+                f"(applied by QuestDB: {n / ap:,.0f} rows/s; CPU µs per row: {per_row})",
+                flush=True,
+            )
         await nc.close()
     finally:
         nats_srv.stop()
@@ -289,15 +320,21 @@ async def main(args: argparse.Namespace) -> None:
     print(f"\nmedians over {args.runs} runs of {n:,} quotes:")
     for name in CEILINGS:
         print(f"  ceiling {name:12s} {med(name, 0):9,.0f} msgs/s  {med(name, 1):9,.0f} msgs/CPU-s")
-    print(f"  sow persist          {persist:9,.0f} rows/s  {med('persist', 1):9,.0f} rows/CPU-s  "
-          f"(applied: {statistics.median(applied):,.0f} rows/s)")
+    print(
+        f"  sow persist          {persist:9,.0f} rows/s  {med('persist', 1):9,.0f} rows/CPU-s  "
+        f"(applied: {statistics.median(applied):,.0f} rows/s)"
+    )
     cpu = {k: statistics.median(r[k] for r in cpu_us) for k in cpu_us[0]}
-    print(f"  CPU µs per row while persisting (median): {cpu}; load average now "
-          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    print(f"  persist / ceiling ({ceiling_name}): {persist / ceiling:.0%}   "
-          f"(per CPU-second of this process: {med('persist', 1) / med(ceiling_name, 1):.0%})   "
-          f"targets: >= 50,000 rows/s {'met' if persist >= 50_000 else 'MISSED'}, "
-          f">= 60 % {'met' if persist >= 0.6 * ceiling else 'MISSED'}")
+    print(
+        f"  CPU µs per row while persisting (median): {cpu}; load average now "
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+    )
+    print(
+        f"  persist / ceiling ({ceiling_name}): {persist / ceiling:.0%}   "
+        f"(per CPU-second of this process: {med('persist', 1) / med(ceiling_name, 1):.0%})   "
+        f"targets: >= 50,000 rows/s {'met' if persist >= 50_000 else 'MISSED'}, "
+        f">= 60 % {'met' if persist >= 0.6 * ceiling else 'MISSED'}"
+    )
 
 
 if __name__ == "__main__":
@@ -307,8 +344,12 @@ if __name__ == "__main__":
     parser.add_argument("--heap", default="1g", help="QuestDB -Xmx")
     parser.add_argument("--batch-rows", type=int, default=Settings().persist_batch_rows)
     parser.add_argument("--lanes", type=int, default=WRITE_LANES, help="QuestDB writes in flight")
-    parser.add_argument("--questdb-spin", choices=("default", "low"), default="low",
-                        help="QuestDB worker yield/nap/sleep thresholds (see LOW_SPIN_QUESTDB)")
+    parser.add_argument(
+        "--questdb-spin",
+        choices=("default", "low"),
+        default="low",
+        help="QuestDB worker yield/nap/sleep thresholds (see LOW_SPIN_QUESTDB)",
+    )
     a = parser.parse_args()
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
         runner.run(main(a))

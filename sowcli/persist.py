@@ -67,7 +67,12 @@ MIN_TS_MS = 946_684_800_000  # 2000-01-01: older event times are not Bybit quote
 MAX_TS_MS = 4_102_444_800_000  # 2100-01-01
 # a payload that is not a Quote, or a value the ILP row refuses (the row is rolled back)
 _QUOTE_ERRORS = (
-    msgspec.ValidationError, msgspec.DecodeError, ValueError, OverflowError, TypeError, QuestDBError
+    msgspec.ValidationError,
+    msgspec.DecodeError,
+    ValueError,
+    OverflowError,
+    TypeError,
+    QuestDBError,
 )
 
 
@@ -263,8 +268,12 @@ class Persister:
         if state.attempt_number <= 3 or state.attempt_number % 20 == 0:
             log.warning(
                 "QuestDB write failed; keeping the batch and retrying",
-                extra=kv(error=str(exc), attempt=state.attempt_number, retry_in_s=round(wait, 2),
-                         held=self._in_hand),
+                extra=kv(
+                    error=str(exc),
+                    attempt=state.attempt_number,
+                    retry_in_s=round(wait, 2),
+                    held=self._in_hand,
+                ),
             )
 
     def _retrying(self) -> AsyncRetrying:
@@ -296,8 +305,10 @@ class Persister:
             return False
         if self.questdb_state != "up":
             if self.questdb_state == "down":
-                log.info("QuestDB accepts writes again",
-                         extra=kv(outage_s=round(time.monotonic() - started, 1)))
+                log.info(
+                    "QuestDB accepts writes again",
+                    extra=kv(outage_s=round(time.monotonic() - started, 1)),
+                )
             self.questdb_state = "up"
         self.flushes += 1
         self.rows_total += batch.rows
@@ -315,8 +326,9 @@ class Persister:
         except Exception as exc:  # an ack that does not reach the server means a redelivery
             self.errors += 1
             self.last_error = f"ack: {exc!r}"
-            log.warning("could not ack; the batch will be redelivered (harmless)",
-                        extra=kv(error=repr(exc)))
+            log.warning(
+                "could not ack; the batch will be redelivered (harmless)", extra=kv(error=repr(exc))
+            )
 
     def _done_with(self, batch: Batch) -> None:
         self._in_hand -= batch.messages
@@ -357,7 +369,9 @@ class Persister:
                 timeout = None
                 if not self._sealed and batch is not None:
                     # a partial batch is sealed by age (not during an outage: sealed ones wait)
-                    timeout = 0.0 if self._draining else batch.started + self.flush_s - time.monotonic()
+                    timeout = (
+                        0.0 if self._draining else batch.started + self.flush_s - time.monotonic()
+                    )
                     if timeout <= 0:
                         self._seal()
                         continue
@@ -389,8 +403,10 @@ class Persister:
         except Exception as exc:
             log.error("cannot recreate the JetStream consumer", extra=kv(error=str(exc)))
             return
-        log.warning("JetStream consumer was deleted; recreated it",
-                    extra=kv(consumer=self.settings.persist_consumer))
+        log.warning(
+            "JetStream consumer was deleted; recreated it",
+            extra=kv(consumer=self.settings.persist_consumer),
+        )
 
     async def _wait_questdb(self, stop: asyncio.Event) -> bool:
         """Create the tables and open the writer, retrying until QuestDB answers or stop."""
@@ -443,13 +459,22 @@ class Persister:
             self.state = "running"
             log.info(
                 "persisting quotes",
-                extra=kv(stream=settings.stream_name, consumer=settings.persist_consumer,
-                         batch_rows=self.batch_rows,
-                         flush_ms=settings.persist_flush_ms, questdb=settings.questdb_http_url),
+                extra=kv(
+                    stream=settings.stream_name,
+                    consumer=settings.persist_consumer,
+                    batch_rows=self.batch_rows,
+                    flush_ms=settings.persist_flush_ms,
+                    questdb=settings.questdb_http_url,
+                ),
             )
             self.pull = PullConsumer(
-                nc, settings.stream_name, settings.persist_consumer, self._on_message,
-                batch=self.batch_rows, max_held=self.max_held, held=self._held,
+                nc,
+                settings.stream_name,
+                settings.persist_consumer,
+                self._on_message,
+                batch=self.batch_rows,
+                max_held=self.max_held,
+                held=self._held,
                 on_consumer_gone=self._consumer_gone,
             )
             flusher = asyncio.create_task(self._flush_loop(), name="persist-flush")
@@ -461,7 +486,9 @@ class Persister:
             stopper.cancel()
             await self._shutdown(flusher, beat)
 
-    async def _shutdown(self, flusher: asyncio.Task[None] | None, beat: asyncio.Task[None] | None) -> None:
+    async def _shutdown(
+        self, flusher: asyncio.Task[None] | None, beat: asyncio.Task[None] | None
+    ) -> None:
         self.state = "stopping"
         if self.pull is not None:
             await self.pull.stop()  # no more requests; what already arrived is processed
@@ -493,8 +520,12 @@ class Persister:
         await self.writer.close()
         log.info(
             "persist stopped",
-            extra=kv(rows_total=self.rows_total, invalid=self.invalid, flushes=self.flushes,
-                     unwritten=self._in_hand),
+            extra=kv(
+                rows_total=self.rows_total,
+                invalid=self.invalid,
+                flushes=self.flushes,
+                unwritten=self._in_hand,
+            ),
         )
 
 

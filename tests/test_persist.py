@@ -140,7 +140,10 @@ def stored_rows(qdb: ServerProcess, symbol: str) -> list[list[Any]]:
 
 
 def expected_rows(quotes: list[Quote]) -> list[list[Any]]:
-    return [[*(getattr(q, c) for c in COLUMNS), q.ts * 1000] for q in sorted(quotes, key=lambda q: q.seq or 0)]
+    return [
+        [*(getattr(q, c) for c in COLUMNS), q.ts * 1000]
+        for q in sorted(quotes, key=lambda q: q.seq or 0)
+    ]
 
 
 async def assert_stored_exactly(qdb: ServerProcess, symbol: str, quotes: list[Quote]) -> None:
@@ -148,8 +151,10 @@ async def assert_stored_exactly(qdb: ServerProcess, symbol: str, quotes: list[Qu
     rows = await asyncio.to_thread(stored_rows, qdb, symbol)
     assert len(rows) == len(quotes), f"{len(rows)} rows stored for {len(quotes)} quotes"
     for got, want in zip(rows, expected_rows(quotes), strict=True):
-        same = [g == pytest.approx(w, rel=1e-12) if isinstance(w, float) else g == w
-                for g, w in zip(got, want, strict=True)]
+        same = [
+            g == pytest.approx(w, rel=1e-12) if isinstance(w, float) else g == w
+            for g, w in zip(got, want, strict=True)
+        ]
         assert all(same), (got, want)
 
 
@@ -159,7 +164,9 @@ async def consumer_info(nc: Client, settings: Settings) -> Any:
 
 async def all_acked(nc: Client, settings: Settings, total: int) -> bool:
     info = await consumer_info(nc, settings)
-    return bool(info.num_pending == 0 and info.num_ack_pending == 0 and info.ack_floor.stream_seq >= total)
+    return bool(
+        info.num_pending == 0 and info.num_ack_pending == 0 and info.ack_floor.stream_seq >= total
+    )
 
 
 # --- stream --------------------------------------------------------------------------------
@@ -179,7 +186,9 @@ async def test_stream_is_created_once_and_updated_when_limits_change(
 
         await nc.publish("quotes.spot.BTCUSDT", b"{}")
         await nc.flush()
-        changed = dataclasses.replace(settings, stream_max_age_hours=1.5, stream_max_bytes=64 * 1024**2)
+        changed = dataclasses.replace(
+            settings, stream_max_age_hours=1.5, stream_max_bytes=64 * 1024**2
+        )
         updated = await ensure_quotes_stream(nc, changed)
         assert updated.config.max_age == pytest.approx(1.5 * 3600)
         assert updated.config.max_bytes == 64 * 1024**2
@@ -200,7 +209,9 @@ class PublishOnly:
 
 
 @pytest.mark.parametrize("bulk", [True, False], ids=["bulk-write", "publish-fallback"])
-async def test_send_acks_acknowledges_each_message(fresh_nats_server: ServerProcess, bulk: bool) -> None:
+async def test_send_acks_acknowledges_each_message(
+    fresh_nats_server: ServerProcess, bulk: bool
+) -> None:
     settings = dataclasses.replace(Settings(), nats_url=fresh_nats_server.nats_url)
     nc = await nats.connect(settings.nats_url)
     try:
@@ -295,7 +306,9 @@ async def test_two_processes_share_the_consumer_without_loss(
     try:
         await wait_until(lambda: a.state == b.state == "running", 60, "both to start")
         await publish(nc, quotes, pause_every=500)
-        await wait_until(lambda: a.messages_total + b.messages_total >= len(quotes), 60, "all messages")
+        await wait_until(
+            lambda: a.messages_total + b.messages_total >= len(quotes), 60, "all messages"
+        )
         await wait_until(lambda: all_acked(nc, settings, len(quotes)), 30, "every message acked")
         assert a.rows_total > 0 and b.rows_total > 0, "both processes took a share"
     finally:
@@ -425,8 +438,11 @@ async def test_nats_restarted_under_persist_loses_nothing(
         await publish(nc, quotes[:2000], pause_every=200)
         await wait_until(lambda: persister.rows_total >= 1000, 60, "rows before the restart")
         await asyncio.to_thread(fresh_nats_server.restart)  # JetStream keeps its store
-        await wait_until(lambda: nc.is_connected and persister.status()["nats_connected"], 30,
-                         "both clients to reconnect")
+        await wait_until(
+            lambda: nc.is_connected and persister.status()["nats_connected"],
+            30,
+            "both clients to reconnect",
+        )
         await publish(nc, quotes[2000:], pause_every=200)
         await wait_until(lambda: all_acked(nc, settings, len(quotes)), 60, "every message acked")
     finally:
@@ -446,7 +462,9 @@ def test_command_passes_flags_to_the_stage(monkeypatch: pytest.MonkeyPatch, tmp_
     from sowcli.cli import persist as persist_cli
 
     started: list[Persister] = []
-    monkeypatch.setattr("sowcli.runtime.run_until_signal", lambda main: started.append(main.__self__))
+    monkeypatch.setattr(
+        "sowcli.runtime.run_until_signal", lambda main: started.append(main.__self__)
+    )
     app = typer.Typer()
     app.command("persist", epilog=persist_cli.EPILOG)(persist_cli.command)
     app.command("other")(lambda: None)  # a group, so "persist" is a subcommand as in `sow`
@@ -461,8 +479,14 @@ def test_command_passes_flags_to_the_stage(monkeypatch: pytest.MonkeyPatch, tmp_
     (stage,) = started
     s = stage.settings
     assert (s.nats_url, s.questdb_http_url, s.questdb_url) == (
-        "nats://n:4222", "http://q:9000", "postgres://a:b@q:8812/qdb"
+        "nats://n:4222",
+        "http://q:9000",
+        "postgres://a:b@q:8812/qdb",
     )
-    assert (s.persist_batch_rows, s.persist_flush_ms, s.persist_ack_wait_seconds) == (2000, 100, 45.0)
+    assert (s.persist_batch_rows, s.persist_flush_ms, s.persist_ack_wait_seconds) == (
+        2000,
+        100,
+        45.0,
+    )
     help_text = CliRunner().invoke(app, ["persist", "--help"]).output
     assert "Examples" in help_text and "sow persist" in help_text

@@ -133,16 +133,23 @@ async def ensure_quotes_stream(
                     raise
                 log.info(
                     "jetstream stream created",
-                    extra=kv(stream=name, subjects=QUOTES_WILDCARD, max_age_h=settings.stream_max_age_hours,
-                             max_bytes=settings.stream_max_bytes),
+                    extra=kv(
+                        stream=name,
+                        subjects=QUOTES_WILDCARD,
+                        max_age_h=settings.stream_max_age_hours,
+                        max_bytes=settings.stream_max_bytes,
+                    ),
                 )
                 return info
             if _stream_differs(info.config, wanted):
                 info = await js.update_stream(wanted)
                 log.info(
                     "jetstream stream updated",
-                    extra=kv(stream=name, max_age_h=settings.stream_max_age_hours,
-                             max_bytes=settings.stream_max_bytes),
+                    extra=kv(
+                        stream=name,
+                        max_age_h=settings.stream_max_age_hours,
+                        max_bytes=settings.stream_max_bytes,
+                    ),
                 )
             return info
         raise UpstreamError(f"JetStream stream {name}: concurrent changes, giving up")
@@ -300,7 +307,11 @@ class PullConsumer:
         self.paused = False
         self._inbox = nc.new_inbox()
         self._request = json.dumps(
-            {"batch": batch, "expires": int(expires_s * 1e9), "idle_heartbeat": int(heartbeat_s * 1e9)}
+            {
+                "batch": batch,
+                "expires": int(expires_s * 1e9),
+                "idle_heartbeat": int(heartbeat_s * 1e9),
+            }
         ).encode()
         self._sub: Subscription | None = None
         self._watchdog: asyncio.Task[None] | None = None
@@ -310,7 +321,9 @@ class PullConsumer:
     async def start(self) -> None:
         # The pending limits only guard against a bug: credit already bounds what can arrive.
         self._sub = await self.nc.subscribe(
-            self._inbox, cb=self._on_msg, pending_msgs_limit=4 * self.max_held + 10_000,
+            self._inbox,
+            cb=self._on_msg,
+            pending_msgs_limit=4 * self.max_held + 10_000,
             pending_bytes_limit=512 * 1024 * 1024,
         )
         self._watchdog = asyncio.create_task(self._watch(), name="jetstream-pull-watchdog")
@@ -342,8 +355,11 @@ class PullConsumer:
             self._requested_at = time.monotonic()
             try:
                 await self.nc.publish(self.subject, self._request, reply=self._inbox)
-            except (nats.errors.ConnectionClosedError, nats.errors.OutboundBufferLimitError,
-                    nats.errors.ConnectionDrainingError):
+            except (
+                nats.errors.ConnectionClosedError,
+                nats.errors.OutboundBufferLimitError,
+                nats.errors.ConnectionDrainingError,
+            ):
                 self.credit -= self.batch
                 return
 
@@ -386,8 +402,10 @@ class PullConsumer:
             if self.stats.delivered != delivered:  # data counts as activity (not timed per message)
                 delivered = self.stats.delivered
                 self._last_activity = now
-            if self.credit > 0 and now - self._last_activity > quiet_limit and (
-                now - self._requested_at > quiet_limit
+            if (
+                self.credit > 0
+                and now - self._last_activity > quiet_limit
+                and (now - self._requested_at > quiet_limit)
             ):
                 log.debug("jetstream pull requests went quiet; re-requesting")
                 self.reset()

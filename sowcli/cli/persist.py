@@ -29,24 +29,36 @@ def command(
     nats_url: NatsUrlOpt = None,
     questdb_url: Annotated[
         str | None,
-        typer.Option("--questdb-url", help="QuestDB PostgreSQL-wire URL, to create the tables "
-                     "(env QUESTDB_URL; default postgres://admin:quest@localhost:8812/qdb).",
-                     show_default=False),
+        typer.Option(
+            "--questdb-url",
+            help="QuestDB PostgreSQL-wire URL, to create the tables "
+            "(env QUESTDB_URL; default postgres://admin:quest@localhost:8812/qdb).",
+            show_default=False,
+        ),
     ] = None,
     questdb_http_url: Annotated[
         str | None,
-        typer.Option("--questdb-http-url", help="QuestDB HTTP URL for ILP writes "
-                     "(env QUESTDB_HTTP_URL; default http://localhost:9000).", show_default=False),
+        typer.Option(
+            "--questdb-http-url",
+            help="QuestDB HTTP URL for ILP writes "
+            "(env QUESTDB_HTTP_URL; default http://localhost:9000).",
+            show_default=False,
+        ),
     ] = None,
     batch_rows: Annotated[
         int | None,
-        typer.Option("--batch-rows", min=1, help="Rows per QuestDB write (default 5000).",
-                     show_default=False),
+        typer.Option(
+            "--batch-rows", min=1, help="Rows per QuestDB write (default 5000).", show_default=False
+        ),
     ] = None,
     flush_ms: Annotated[
         int | None,
-        typer.Option("--flush-ms", min=1, help="Write a partial batch after this many ms "
-                     "(default 250).", show_default=False),
+        typer.Option(
+            "--flush-ms",
+            min=1,
+            help="Write a partial batch after this many ms (default 250).",
+            show_default=False,
+        ),
     ] = None,
     config: ConfigOpt = None,
     log_level: LogLevelOpt = None,
@@ -57,8 +69,13 @@ def command(
     from sowcli.runtime import run_until_signal
 
     settings = settings_from(
-        config, nats_url=nats_url, questdb_url=questdb_url, questdb_http_url=questdb_http_url,
-        persist_batch_rows=batch_rows, persist_flush_ms=flush_ms, log_level=log_level,
+        config,
+        nats_url=nats_url,
+        questdb_url=questdb_url,
+        questdb_http_url=questdb_http_url,
+        persist_batch_rows=batch_rows,
+        persist_flush_ms=flush_ms,
+        log_level=log_level,
         log_format=log_format,
     )
     setup(settings)

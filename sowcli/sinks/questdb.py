@@ -83,7 +83,9 @@ def ensure_tables(questdb_url: str, timeout_s: float = 10.0) -> None:
     import psycopg
 
     try:
-        with psycopg.connect(questdb_url, autocommit=True, connect_timeout=max(1, int(timeout_s))) as conn:
+        with psycopg.connect(
+            questdb_url, autocommit=True, connect_timeout=max(1, int(timeout_s))
+        ) as conn:
             for ddl in TABLES_DDL:
                 conn.execute(ddl)
     except psycopg.Error as exc:
