@@ -87,6 +87,10 @@ export function DetailView({ symbol, market, initialInterval }: { symbol: string
   }, []);
 
   useEffect(() => {
+    document.title = `${symbol} ${market === "SPOT" ? "spot" : "futures"} · sow`;
+  }, [symbol, market]);
+
+  useEffect(() => {
     let controller: AbortController | null = null;
     const load = async () => {
       controller?.abort();
