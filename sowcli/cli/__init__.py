@@ -16,7 +16,7 @@ from typing import Any
 import typer
 
 from sowcli import __version__
-from sowcli.cli import backfill, dash, infra, publish, query, subscribe
+from sowcli.cli import backfill, dash, infra, publish, query, subscribe, up
 
 app = typer.Typer(
     name="sow",
@@ -57,6 +57,7 @@ app.add_typer(infra.app, name="infra")
 app.add_typer(query.app, name="query")
 app.command("backfill", epilog=backfill.EPILOG)(backfill.command)
 app.command("dash", epilog=dash.EPILOG)(dash.command)
+app.command("up", epilog=up.EPILOG)(up.command)
 
 
 def main() -> None:
