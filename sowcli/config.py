@@ -158,7 +158,12 @@ class Settings:
         "browser origins allowed to call the REST API (CORS); * = any",
     )
     ws_allowed_origins: list[str] = _key(
-        ("http://localhost:3000", "http://127.0.0.1:3000"),
+        (
+            "http://localhost:3000",
+            "http://127.0.0.1:3000",
+            "http://localhost:8080",
+            "http://127.0.0.1:8080",
+        ),
         "browser origins allowed to open the WebSocket (others get HTTP 403; the server's own "
         "origin and clients sending no Origin are always allowed); * = any",
     )
