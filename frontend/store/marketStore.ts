@@ -56,12 +56,14 @@ export interface ApplyStats {
   quotes: number;
   totalMs: number;
   maxMs: number;
-  /** the last 512 batch durations, for percentiles */
+  /** the last 512 batch durations, for percentiles (the whole call, subscribers included) */
   recentMs: number[];
+  /** the same batches' time to build the new state, before subscribers are notified */
+  recentBuildMs: number[];
 }
 
 function newStats(): ApplyStats {
-  return { batches: 0, quotes: 0, totalMs: 0, maxMs: 0, recentMs: [] };
+  return { batches: 0, quotes: 0, totalMs: 0, maxMs: 0, recentMs: [], recentBuildMs: [] };
 }
 
 const isMarket = (value: unknown): value is Market => MARKETS.includes(value as Market);
@@ -142,11 +144,14 @@ export function createMarketStore(): MarketStore & { stats: ApplyStats } {
           }
         }
       }
+      const built = performance.now();
       if (next) {
         const symbols = added ? [...get().symbols, ...added].sort() : get().symbols;
         set({ quotes: next, symbols });
       }
       const ms = performance.now() - started;
+      stats.recentBuildMs.push(built - started);
+      if (stats.recentBuildMs.length > 512) stats.recentBuildMs.shift();
       stats.batches += 1;
       stats.quotes += batch.length;
       stats.totalMs += ms;
