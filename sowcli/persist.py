@@ -205,6 +205,7 @@ class Persister:
         batch = self._batch
         if batch is None:
             batch = self._batch = Batch(self.writer.new_buffer())
+            self._work.set()  # the flush loop starts this batch's flush_ms clock
         self._in_hand += 1
         try:
             quote = decode_quote(msg.data)
