@@ -263,6 +263,29 @@ async def test_every_quote_is_stored_once_with_its_values(
     await assert_stored_exactly(questdb_server, symbol, quotes)
 
 
+async def test_a_partial_batch_is_written_after_flush_ms(
+    fresh_nats_server: ServerProcess, questdb_server: ServerProcess
+) -> None:
+    """A quiet market: three quotes, far fewer than a batch, still reach QuestDB promptly."""
+    settings = settings_for(fresh_nats_server, questdb_server, persist_batch_rows=5000)
+    symbol = new_symbol()
+    quotes = make_quotes(symbol, 3)
+    nc = await nats.connect(settings.nats_url)
+    stop = asyncio.Event()
+    persister = Persister(settings)
+    task = asyncio.create_task(persister.run(stop))
+    try:
+        await wait_until(lambda: persister.state == "running", 60, "persist to start")
+        await publish(nc, quotes)
+        await wait_until(lambda: persister.rows_total == 3, 10, "the partial batch to be written")
+        await wait_until(lambda: all_acked(nc, settings, 3), 10, "its acks")
+    finally:
+        stop.set()
+        await task
+        await nc.close()
+    await assert_stored_exactly(questdb_server, symbol, quotes)
+
+
 async def test_heartbeat_reports_lag_rate_and_questdb_state(
     fresh_nats_server: ServerProcess, questdb_server: ServerProcess
 ) -> None:
