@@ -109,6 +109,9 @@ def _sow_command(opts: Options, ws_base: str, nats_url: str) -> tuple[list[str],
     env = {
         "SOW_BYBIT_LINEAR_URL": ws_base + "/v5/public/linear",
         "SOW_VALIDATE_SYMBOLS": "0",
+        # Like the other contenders, publish to core NATS only: the JetStream capture for
+        # `sow persist` costs the server (disk writes), not the publisher, and would steal a core.
+        "SOW_PUBLISH_ENSURE_STREAM": "0",
         "NATS_URL": nats_url,
     }
     argv = [
