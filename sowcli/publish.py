@@ -39,7 +39,7 @@ CATEGORY = {"SPOT": "spot", "FUTURES": "linear"}
 
 @dataclass(frozen=True, slots=True)
 class SourceSpec:
-    kind: str  # bybit | replay | simulate
+    kind: str  # bybit | replay | simulate | auto (bybit when reachable, else simulate)
     path: Path | None = None
 
     @classmethod
@@ -48,9 +48,11 @@ class SourceSpec:
             return cls("bybit")
         if text in ("simulate", "sim", "simulated"):
             return cls("simulate")
+        if text == "auto":
+            return cls("auto")
         if text.startswith("replay:") and len(text) > 7:
             return cls("replay", Path(text[7:]).expanduser())
-        raise UsageError(f"--source {text!r}: expected bybit, simulate or replay:FILE")
+        raise UsageError(f"--source {text!r}: expected bybit, simulate, auto or replay:FILE")
 
 
 def parse_speed(text: str | None) -> float | None:
@@ -273,7 +275,29 @@ class Publisher:
             for task in runs:
                 task.cancel()
 
+    async def _bybit_reachable(self) -> str | None:
+        """``None`` when Bybit's REST answers, else why not (for ``--source auto``)."""
+        try:
+            async with httpx.AsyncClient(base_url=self.settings.bybit_rest_url, timeout=3.0) as c:
+                resp = await c.get("/v5/market/time")
+            if resp.status_code == 200:
+                return None
+            return f"HTTP {resp.status_code}"
+        except (httpx.HTTPError, OSError) as exc:
+            return str(exc) or type(exc).__name__
+
     async def _run_source(self) -> None:
+        if self.source.kind == "auto":
+            why = await self._bybit_reachable()
+            if why is None:
+                self.source = SourceSpec("bybit")
+            else:
+                log.warning(
+                    f"Bybit is unreachable ({why}): falling back to SIMULATED data",
+                    extra=kv(url=self.settings.bybit_rest_url),
+                )
+                self.source = SourceSpec("simulate")
+                self.simulated = True
         if self.source.kind == "bybit":
             await self._run_bybit()
         elif self.source.kind == "replay":

@@ -608,3 +608,28 @@ async def test_publish_keeps_the_exchange_side_running_while_nats_is_down_at_sta
             await asyncio.to_thread(fresh_nats_server.restart)
             await until(lambda: pub.nats is not None and pub.nats.stats.published >= 3, 30)
             assert pub.nats.stats.dropped == 0
+
+
+async def test_auto_source_falls_back_to_labelled_simulation_when_bybit_is_unreachable(
+    nats_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="sow")
+    s = settings_for(None, nats_server.nats_url, bybit_rest_url="http://127.0.0.1:9")
+    async with collector(nats_server.nats_url) as c:
+        pub = Publisher(s, source=SourceSpec.parse("auto"))
+        async with running(pub):
+            await c.wait(lambda: len(c.quotes) >= 4 and bool(c.status))
+        assert c.status[-1]["simulated"] is True and c.status[-1]["source"] == "simulate"
+    assert any("falling back to SIMULATED data" in r.getMessage() for r in caplog.records)
+
+
+async def test_auto_source_uses_bybit_when_reachable(nats_server: Any) -> None:
+    async with FakeBybit(valid_symbols={"BTCUSDT", "ETHUSDT"}, auto_interval=0.02) as ex, \
+            FakeBybitRest(valid_symbols={"BTCUSDT", "ETHUSDT"}) as rest, \
+            collector(nats_server.nats_url) as c:  # fmt: skip
+        s = settings_for(ex, nats_server.nats_url, bybit_rest_url=rest.url)
+        pub = Publisher(s, source=SourceSpec.parse("auto"))
+        async with running(pub):
+            await c.wait(lambda: len(c.quotes) >= 4 and bool(c.status))
+        assert c.status[-1]["simulated"] is False and c.status[-1]["source"] == "bybit"
+        assert ex.connects["linear"] == 1

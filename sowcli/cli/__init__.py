@@ -16,7 +16,19 @@ from typing import Any
 import typer
 
 from sowcli import __version__
-from sowcli.cli import backfill, dash, infra, publish, query, subscribe, up
+from sowcli.cli import (
+    backfill,
+    cache,
+    dash,
+    infra,
+    persist,
+    publish,
+    query,
+    serve_api,
+    serve_ws,
+    subscribe,
+    up,
+)
 
 app = typer.Typer(
     name="sow",
@@ -53,6 +65,10 @@ def _root(
 
 app.command("publish", epilog=publish.EPILOG)(publish.command)
 app.command("subscribe", epilog=subscribe.EPILOG)(subscribe.command)
+app.command("cache", epilog=cache.EPILOG)(cache.command)
+app.command("persist", epilog=persist.EPILOG)(persist.command)
+app.command("serve-api", epilog=serve_api.EPILOG)(serve_api.command)
+app.command("serve-ws", epilog=serve_ws.EPILOG)(serve_ws.command)
 app.add_typer(infra.app, name="infra")
 app.add_typer(query.app, name="query")
 app.command("backfill", epilog=backfill.EPILOG)(backfill.command)

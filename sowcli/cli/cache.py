@@ -10,6 +10,7 @@ from sowcli.cli.options import (
     ConfigOpt,
     LogFormatOpt,
     LogLevelOpt,
+    MetricsPortOpt,
     NatsUrlOpt,
     settings_from,
     setup,
@@ -72,18 +73,25 @@ def command(
             show_default=False,
         ),
     ] = None,
+    metrics_port: MetricsPortOpt = None,
     config: ConfigOpt = None,
     log_level: LogLevelOpt = None,
     log_format: LogFormatOpt = None,
 ) -> None:
     """Keep the latest quote, history, daily timeseries and daily stats in Dragonfly/Redis."""
+    from sowcli.metrics import run_with_metrics
     from sowcli.runtime import run_until_signal
     from sowcli.sinks.cache import CacheStage
 
     settings = settings_from(
         config, dragonfly_url=dragonfly_url, nats_url=nats_url, cache_queue_group=queue_group,
         cache_history_max=history_max, cache_timeseries_days=timeseries_days,
-        cache_flush_ms=flush_ms, log_level=log_level, log_format=log_format,
+        cache_flush_ms=flush_ms, log_level=log_level, log_format=log_format, metrics_port=metrics_port,
     )  # fmt: skip
     setup(settings)
-    run_until_signal(CacheStage(settings).run)
+    stage = CacheStage(settings)
+    run_until_signal(
+        lambda stop: run_with_metrics(
+            stage, "cache", stop, host=settings.metrics_host, port=settings.metrics_port
+        )
+    )

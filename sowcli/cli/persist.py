@@ -10,6 +10,7 @@ from sowcli.cli.options import (
     ConfigOpt,
     LogFormatOpt,
     LogLevelOpt,
+    MetricsPortOpt,
     NatsUrlOpt,
     settings_from,
     setup,
@@ -60,11 +61,13 @@ def command(
             show_default=False,
         ),
     ] = None,
+    metrics_port: MetricsPortOpt = None,
     config: ConfigOpt = None,
     log_level: LogLevelOpt = None,
     log_format: LogFormatOpt = None,
 ) -> None:
     """Store every quote of the JetStream stream QUOTES in QuestDB market_data (ack after write)."""
+    from sowcli.metrics import run_with_metrics
     from sowcli.persist import Persister
     from sowcli.runtime import run_until_signal
 
@@ -77,6 +80,12 @@ def command(
         persist_flush_ms=flush_ms,
         log_level=log_level,
         log_format=log_format,
+        metrics_port=metrics_port,
     )
     setup(settings)
-    run_until_signal(Persister(settings).run)
+    stage = Persister(settings)
+    run_until_signal(
+        lambda stop: run_with_metrics(
+            stage, "persist", stop, host=settings.metrics_host, port=settings.metrics_port
+        )
+    )

@@ -38,7 +38,7 @@ def command(
         str,
         typer.Option(
             "--source",
-            help="bybit (live), simulate, or replay:FILE (a --record file or a .jsonl.gz).",
+            help="bybit (live), simulate, auto (bybit if reachable, else simulate), or replay:FILE.",
         ),
     ] = "bybit",
     speed: Annotated[

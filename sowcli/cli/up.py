@@ -49,7 +49,11 @@ def command(
         str | None, typer.Option("--skip", help="Run all stages but these.", show_default=False)
     ] = None,
     source: Annotated[
-        str, typer.Option("--source", help="bybit (live), simulate, or replay:FILE.")
+        str,
+        typer.Option(
+            "--source",
+            help="bybit (live), simulate, auto (bybit if reachable, else simulate), or replay:FILE.",
+        ),
     ] = "bybit",
     speed: Annotated[str, typer.Option("--speed", help="Replay pace factor, or max.")] = "1",
     symbols: SymbolsOpt = None,
