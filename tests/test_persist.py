@@ -485,9 +485,14 @@ def test_command_passes_flags_to_the_stage(monkeypatch: pytest.MonkeyPatch, tmp_
     from sowcli.cli import persist as persist_cli
 
     started: list[Persister] = []
-    monkeypatch.setattr(
-        "sowcli.runtime.run_until_signal", lambda main: started.append(main.__self__)
-    )
+
+    class Recorded(Persister):
+        def __init__(self, settings: Settings, **kwargs: Any) -> None:
+            super().__init__(settings, **kwargs)
+            started.append(self)
+
+    monkeypatch.setattr("sowcli.persist.Persister", Recorded)
+    monkeypatch.setattr("sowcli.runtime.run_until_signal", lambda main: None)
     app = typer.Typer()
     app.command("persist", epilog=persist_cli.EPILOG)(persist_cli.command)
     app.command("other")(lambda: None)  # a group, so "persist" is a subcommand as in `sow`
