@@ -1,7 +1,7 @@
 """Print the README's configuration table from sowcli.config (the single source of truth).
 
-    .venv/bin/python scripts/config_table.py            # print it
-    .venv/bin/python scripts/config_table.py --write    # replace it in README.md
+.venv/bin/python scripts/config_table.py            # print it
+.venv/bin/python scripts/config_table.py --write    # replace it in README.md
 """
 
 from __future__ import annotations

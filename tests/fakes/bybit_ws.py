@@ -1025,6 +1025,7 @@ class FakeBybit:
             if frames is not None:
                 n = min(n, frames - sent)
             conns = list(self._conns[market])
+            sent_before = sent
             for _ in range(n):
                 topic = topics[idx % len(topics)]
                 idx += 1
@@ -1049,6 +1050,9 @@ class FakeBybit:
                     sent += 1
             if rate <= 0:
                 await asyncio.sleep(0)
+            elif sent == sent_before:
+                # no connection took a frame (the last client just left): never spin
+                await asyncio.sleep(0.002)
         return sent
 
 
