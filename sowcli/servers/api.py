@@ -99,7 +99,6 @@ from sowcli.servers.ws import (
     iso_ms,
     probe,
     serve_asgi,
-    wire_quote,
 )
 from sowcli.timeparse import (
     OHLC_INTERVALS,
@@ -575,7 +574,7 @@ class ApiService:
         else:
             keys = [k for k in self.bridge.known_keys() if mkt is None or k[0] == mkt]
         try:
-            quotes = await self.store.quotes(keys)
+            entries = await self.store.entries(keys)
         except CacheUnavailable as exc:
             self.metrics.dependency_errors.labels("redis").inc()
             log.debug("latest: cache down, asking QuestDB", extra=kv(error=str(exc)))
@@ -583,14 +582,14 @@ class ApiService:
                 return await self._latest_questdb(wanted, mkt, required=True)
             except ApiError as qdb:
                 raise ApiError(qdb.status, qdb.error, f"{exc}; {qdb.detail}") from None
-        if not quotes:
+        if not entries:
             with contextlib.suppress(ApiError):
                 return await self._latest_questdb(wanted, mkt, required=False)
         self.latest_from["cache"] += 1
         self.metrics.latest_source.labels("cache").inc()
         body = (
-            b'{"source":"cache","count":%d,"quotes":[' % len(quotes)
-            + b",".join(wire_quote(q) for q in quotes)
+            b'{"source":"cache","count":%d,"quotes":[' % len(entries)
+            + b",".join([wire for _quote, wire in entries])
             + b"]}"
         )
         return _json(body, {"X-Sow-Source": "cache", "Cache-Control": "no-store"})

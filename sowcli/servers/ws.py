@@ -133,6 +133,7 @@ CLIENT_MESSAGES_BURST = 50
 CACHE_BREAKER_S = 1.0  # after a failed Redis call, skip Redis for this long (fail fast)
 SHARED_DEFLATE_MIN = 256  # messages shorter than this are compressed per client (cheap anyway)
 SHARED_DEFLATE_KEEP = 32  # compressed messages remembered per window size
+WIRE_MEMO_MAX = 10_000  # Redis values whose decoded/wire forms LatestStore remembers
 HEALTH_TIMEOUT_S = 1.0
 DEPENDENCIES = ("redis", "questdb", "nats")
 Key = tuple[str, str]  # (market, symbol)
@@ -258,6 +259,7 @@ class LatestStore:
         self.last_error = ""
         self.connected: bool | None = None
         self._down_until = 0.0
+        self._memo: dict[bytes, tuple[Quote, bytes]] = {}
 
     def _failed(self, exc: BaseException) -> CacheUnavailable:
         self.errors += 1
@@ -281,15 +283,36 @@ class LatestStore:
         self.connected = True
         return values
 
-    async def quotes(self, keys: Sequence[Key]) -> list[Quote]:
-        """The latest Quote of each (market, symbol) that has one (undecodable values skipped)."""
+    async def entries(self, keys: Sequence[Key]) -> list[tuple[Quote, bytes]]:
+        """(Quote, :func:`wire_quote` bytes) of each (market, symbol) that has a latest quote,
+        in the order of ``keys`` (undecodable values skipped).
+
+        A value stays in Redis until the next quote of its stream, so most reads return bytes
+        seen before: their decoded and re-encoded forms are remembered (bounded), which makes a
+        repeated ``/api/prices/latest`` a dictionary lookup per quote.
+        """
         values = await self.get([latest_key(m, s) for m, s in keys])
+        memo = self._memo
         out = []
         for value in values:
-            if value is not None:
-                with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
-                    out.append(decode_quote(value))
+            if value is None:
+                continue
+            entry = memo.get(value)
+            if entry is None:
+                try:
+                    quote = decode_quote(value)
+                    entry = (quote, wire_quote(quote))
+                except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
+                    continue
+                if len(memo) >= WIRE_MEMO_MAX:
+                    memo.clear()
+                memo[value] = entry
+            out.append(entry)
         return out
+
+    async def quotes(self, keys: Sequence[Key]) -> list[Quote]:
+        """The latest Quote of each (market, symbol) that has one."""
+        return [quote for quote, _wire in await self.entries(keys)]
 
     async def ping(self, timeout_s: float = HEALTH_TIMEOUT_S) -> float:
         """Round trip of a PING in ms; CacheUnavailable when it fails."""
@@ -628,7 +651,9 @@ class Bridge:
         self._last_flush = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connecting: asyncio.Task[None] | None = None
-        self._inflight: dict[tuple[Key, ...], asyncio.Future[tuple[list[Quote], bool]]] = {}
+        self._inflight: dict[
+            tuple[Key, ...], asyncio.Future[tuple[list[tuple[Quote, bytes]], bool]]
+        ] = {}
         allowed = settings.ws_allowed_origins
         self._any_origin = "*" in allowed
         self._origins = {o.rstrip("/").lower() for o in allowed}
@@ -843,9 +868,9 @@ class Bridge:
         keys.update(self.latest)
         return sorted(keys, key=_by_symbol)
 
-    async def cached_quotes(self, keys: Sequence[Key]) -> tuple[list[Quote], bool]:
-        """Latest quotes from Dragonfly/Redis (one MGET shared by concurrent callers asking for
-        the same keys); ``([], False)`` when the cache is down."""
+    async def cached_quotes(self, keys: Sequence[Key]) -> tuple[list[tuple[Quote, bytes]], bool]:
+        """Latest (Quote, wire bytes) from Dragonfly/Redis (one MGET shared by concurrent callers
+        asking for the same keys); ``([], False)`` when the cache is down."""
         wanted = tuple(keys)
         fut = self._inflight.get(wanted)
         if fut is None:
@@ -854,21 +879,19 @@ class Bridge:
             fut.add_done_callback(lambda _f: self._inflight.pop(wanted, None))
         return await asyncio.shield(fut)
 
-    async def _read_cache(self, keys: Sequence[Key]) -> tuple[list[Quote], bool]:
+    async def _read_cache(self, keys: Sequence[Key]) -> tuple[list[tuple[Quote, bytes]], bool]:
         try:
-            return await self.store.quotes(keys), True
+            return await self.store.entries(keys), True
         except CacheUnavailable:
             return [], False
 
-    def _snapshot(self, keys: Sequence[Key], cached: list[Quote]) -> list[tuple[Key, bytes]]:
+    def _snapshot(
+        self, keys: Sequence[Key], cached: list[tuple[Quote, bytes]]
+    ) -> list[tuple[Key, bytes]]:
         """Per key the newer of the cached quote and the last one seen on NATS."""
-        best: dict[Key, tuple[int, int, bytes]] = {}
-        for quote in cached:
-            with contextlib.suppress(ValueError):
-                best[(quote.market, quote.symbol)] = (
-                    *_order(quote.ts, quote.seq),
-                    wire_quote(quote),
-                )
+        best: dict[Key, tuple[int, int, bytes]] = {
+            (q.market, q.symbol): (*_order(q.ts, q.seq), wire) for q, wire in cached
+        }
         out = []
         for key in keys:
             mine = self.latest.get(key)
