@@ -733,6 +733,14 @@ def _questdb_env(ports: Mapping[str, int]) -> dict[str, str]:
         "QDB_LINE_TCP_NET_BIND_TO": f"127.0.0.1:{ports['ilp']}",
         "QDB_HTTP_MIN_NET_BIND_TO": f"127.0.0.1:{ports['health']}",
         "QDB_TELEMETRY_ENABLED": "false",
+        # Idle worker threads spin before they park; on a small machine shared with NATS and the
+        # stages that spinning cost QuestDB 15-17 us of CPU per ingested row, against 4-7 us with
+        # these thresholds (benchmarks/bench_persist.py).
+        **{
+            f"QDB_{pool}_WORKER_{phase}_THRESHOLD": value
+            for pool in ("SHARED", "HTTP", "WAL_APPLY")
+            for phase, value in (("YIELD", "10"), ("NAP", "20"), ("SLEEP", "100"))
+        },
     }
 
 
