@@ -525,16 +525,12 @@ def test_cli_help_has_examples() -> None:
 
 
 def test_cli_passes_flags_to_the_stage(monkeypatch: pytest.MonkeyPatch) -> None:
-    import sowcli.runtime
-
     seen: dict[str, Any] = {}
 
-    def fake_run(main: Any) -> None:
-        stage = main.__self__
-        assert isinstance(stage, CacheStage)
-        seen["settings"] = stage.settings
+    async def fake_run(self: CacheStage, stop: Any = None) -> None:
+        seen["settings"] = self.settings
 
-    monkeypatch.setattr(sowcli.runtime, "run_until_signal", fake_run)
+    monkeypatch.setattr(CacheStage, "run", fake_run)
     monkeypatch.delenv("DRAGONFLY_URL", raising=False)
     args = [
         "cache", "--dragonfly-url", "cachehost:6380", "--nats-url", "nats://bus:4222",
