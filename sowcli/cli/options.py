@@ -45,6 +45,19 @@ MarketsOpt = Annotated[
         "--markets", "-m", help="Comma-separated markets: spot,futures.", show_default=False
     ),
 ]
+SourceOpt = Annotated[
+    str,
+    typer.Option(
+        "--source",
+        help="bybit (live), simulate, auto (bybit if reachable, else simulate), or replay:FILE.",
+    ),
+]
+SpeedOpt = Annotated[
+    str,
+    typer.Option(
+        "--speed", help="Replay pace: a factor of the recorded pace (1 = real time) or max."
+    ),
+]
 MetricsPortOpt = Annotated[
     int | None,
     typer.Option(

@@ -14,6 +14,8 @@ from sowcli.cli.options import (
     MarketsOpt,
     MetricsPortOpt,
     NatsUrlOpt,
+    SourceOpt,
+    SpeedOpt,
     SymbolsOpt,
     settings_from,
     setup,
@@ -34,19 +36,8 @@ def command(
     symbols: SymbolsOpt = None,
     markets: MarketsOpt = None,
     nats_url: NatsUrlOpt = None,
-    source: Annotated[
-        str,
-        typer.Option(
-            "--source",
-            help="bybit (live), simulate, auto (bybit if reachable, else simulate), or replay:FILE.",
-        ),
-    ] = "bybit",
-    speed: Annotated[
-        str,
-        typer.Option(
-            "--speed", help="Replay pace: a factor of the recorded pace (1 = real time) or max."
-        ),
-    ] = "1",
+    source: SourceOpt = "bybit",
+    speed: SpeedOpt = "1",
     record: Annotated[
         Path | None,
         typer.Option(

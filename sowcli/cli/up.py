@@ -13,6 +13,8 @@ from sowcli.cli.options import (
     MarketsOpt,
     MetricsPortOpt,
     NatsUrlOpt,
+    SourceOpt,
+    SpeedOpt,
     SymbolsOpt,
     settings_from,
     setup,
@@ -48,14 +50,8 @@ def command(
     skip: Annotated[
         str | None, typer.Option("--skip", help="Run all stages but these.", show_default=False)
     ] = None,
-    source: Annotated[
-        str,
-        typer.Option(
-            "--source",
-            help="bybit (live), simulate, auto (bybit if reachable, else simulate), or replay:FILE.",
-        ),
-    ] = "bybit",
-    speed: Annotated[str, typer.Option("--speed", help="Replay pace factor, or max.")] = "1",
+    source: SourceOpt = "bybit",
+    speed: SpeedOpt = "1",
     symbols: SymbolsOpt = None,
     markets: MarketsOpt = None,
     nats_url: NatsUrlOpt = None,
