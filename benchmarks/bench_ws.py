@@ -8,13 +8,15 @@ temporary folder):
 
 - **serve-ws** — the same code as ``sow serve-ws`` (uvloop, uvicorn, defaults: 100 ms batches,
   permessage-deflate), in its own process; its CPU time and RSS are read from ``/proc``.
-- **clients** — ``--clients`` websockets clients in one separate process (permessage-deflate
+- **clients** — ``--clients`` websockets clients in ``--client-procs`` (2) separate processes
+  (permessage-deflate
   on, as browsers do), each subscribed to ``"*"``. ``--probes`` of them (spread evenly) parse
   every message and record, for every quote, ``now - recv_us``: the time from the publisher's
   ``nats.publish`` to the client holding the parsed quote (one machine, one clock), in a 1 ms
-  histogram. The others receive and inflate every message but do not parse it, so that one
-  process keeps up with all of them (a client process that falls behind would measure its own
-  backlog, not the server).
+  histogram. The others receive and inflate every message but do not parse it, so that the
+  client processes keep up (a client process that falls behind measures its own backlog, not the
+  server's; what remains of its queueing is included in the figures: browsers, one process
+  each, would see less).
 - **publisher** — this process: ``--rate`` quotes per second round-robin over the default 15
   symbols × 2 markets, realistic values, ``recv_us`` stamped at publish time, paced every 5 ms.
 
@@ -194,50 +196,75 @@ def percentile(hist: list[int], p: float) -> float:
     return float(len(hist))
 
 
-def start_clients(args: argparse.Namespace, url: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-c", CLIENTS, url, str(args.clients), str(args.probes)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+def start_clients(args: argparse.Namespace, url: str) -> list[subprocess.Popen[str]]:
+    """``--client-procs`` processes sharing ``--clients`` connections and ``--probes``."""
+    procs = []
+    for i in range(args.client_procs):
+        n = args.clients // args.client_procs + (i < args.clients % args.client_procs)
+        probes = args.probes // args.client_procs + (i < args.probes % args.client_procs)
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", CLIENTS, url, str(n), str(max(1, probes))],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+        )
+    return procs
+
+
+def tell(procs: list[subprocess.Popen[str]], word: str) -> None:
+    for p in procs:
+        assert p.stdin is not None
+        p.stdin.write(word + "\n")
+        p.stdin.flush()
 
 
 async def one_run(
-    args: argparse.Namespace, clients: subprocess.Popen[str], server_pid: int, nats_url: str
+    args: argparse.Namespace, procs: list[subprocess.Popen[str]], server_pid: int, nats_url: str
 ) -> dict[str, float]:
-    assert clients.stdin is not None and clients.stdout is not None
-    line = await asyncio.to_thread(clients.stdout.readline)
-    if line.strip() != "ready":
-        raise SystemExit(f"clients did not get ready: {line!r}")
+    for p in procs:
+        assert p.stdout is not None
+        line = await asyncio.to_thread(p.stdout.readline)
+        if line.strip() != "ready":
+            raise SystemExit(f"clients did not get ready: {line!r}")
     stop = asyncio.Event()
     publisher = asyncio.create_task(publish(nats_url, args.rate, stop))
     await asyncio.sleep(3.0)  # warm-up
     load0 = os.getloadavg()[0]
     cpu0, t0 = cpu_seconds(server_pid), time.perf_counter()
-    clients.stdin.write("go\n")
-    clients.stdin.flush()
+    ccpu0 = sum(cpu_seconds(p.pid) for p in procs)
+    tell(procs, "go")
     await asyncio.sleep(args.seconds)
-    cpu = (cpu_seconds(server_pid) - cpu0) / (time.perf_counter() - t0) * 100
+    took = time.perf_counter() - t0
+    cpu = (cpu_seconds(server_pid) - cpu0) / took * 100
+    clients_cpu = (sum(cpu_seconds(p.pid) for p in procs) - ccpu0) / took * 100
     rss = rss_mb(server_pid)
-    clients.stdin.write("stop\n")
-    clients.stdin.flush()
-    result = json.loads(await asyncio.to_thread(clients.stdout.readline))
+    tell(procs, "stop")
+    results = []
+    for p in procs:
+        assert p.stdout is not None
+        results.append(json.loads(await asyncio.to_thread(p.stdout.readline)))
     stop.set()
     published = await publisher
-    clients.stdin.close()
-    clients.wait(30)
-    hist, elapsed = result["hist"], result["elapsed"]
+    for p in procs:
+        assert p.stdin is not None
+        p.stdin.close()
+        p.wait(30)
+    hist = [sum(bins) for bins in zip(*(r["hist"] for r in results), strict=True)]
+    elapsed = statistics.mean(r["elapsed"] for r in results)
+    total = {k: sum(r[k] for r in results) for k in ("messages", "quotes", "bytes", "closed")}
     return {
         "cpu": cpu,
+        "clients_cpu": clients_cpu,
         "rss": rss,
         "p50": percentile(hist, 50),
         "p99": percentile(hist, 99),
         "max": float(max((ms for ms, n in enumerate(hist) if n), default=0)),
-        "msgs_per_client_s": result["messages"] / elapsed / args.clients,
-        "quotes_per_client_s": result["quotes"] / elapsed / min(args.probes, args.clients),
-        "kb_per_client_s": result["bytes"] / elapsed / args.clients / 1024,
-        "closed": float(result["closed"]),
+        "msgs_per_client_s": total["messages"] / elapsed / args.clients,
+        "quotes_per_client_s": total["quotes"] / elapsed / min(args.probes, args.clients),
+        "kb_per_client_s": total["bytes"] / elapsed / args.clients / 1024,
+        "closed": float(total["closed"]),
         "published": float(published),
         "load": (load0 + os.getloadavg()[0]) / 2,
     }
@@ -260,6 +287,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--probes", type=int, default=50, help="clients that parse and time quotes")
+    ap.add_argument("--client-procs", type=int, default=2, help="processes running the clients")
     args = ap.parse_args()
 
     home = Path(tempfile.mkdtemp(prefix="sow-bench-ws-"))
@@ -292,15 +320,16 @@ def main() -> None:
         rows = []
         for run in range(1, args.runs + 1):
             with asyncio.Runner(loop_factory=new_event_loop) as runner:
-                clients = start_clients(args, url)
-                row = runner.run(one_run(args, clients, server.pid, nats_server.nats_url))
+                procs = start_clients(args, url)
+                row = runner.run(one_run(args, procs, server.pid, nats_server.nats_url))
             rows.append(row)
             print(
                 f"run {run}: serve-ws CPU {row['cpu']:.0f} % of a core, RSS {row['rss']:.0f} MB, "
                 f"NATS->client p50 {row['p50']:.0f} ms, p99 {row['p99']:.0f} ms, "
                 f"max {row['max']:.0f} ms; per client {row['msgs_per_client_s']:.1f} msg/s, "
                 f"{row['quotes_per_client_s']:.0f} quotes/s, {row['kb_per_client_s']:.1f} KiB/s "
-                f"(after inflate); clients closed {row['closed']:.0f}; load avg {row['load']:.1f}",
+                f"(after inflate); clients closed {row['closed']:.0f}; clients process CPU "
+                f"{row['clients_cpu']:.0f} %; load avg {row['load']:.1f}",
                 flush=True,
             )
         med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}

@@ -67,7 +67,9 @@ import itertools
 import logging
 import os
 import socket
+import struct
 import time
+import zlib
 from collections import OrderedDict, deque
 from collections.abc import (
     Awaitable,
@@ -102,7 +104,6 @@ from starlette.types import Message, Receive, Scope, Send
 from uvicorn.config import Config as UvicornConfig
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from uvicorn.server import ServerState
-from websockets.exceptions import InvalidState, ProtocolError
 from websockets.extensions.base import Extension
 from websockets.extensions.permessage_deflate import (
     PerMessageDeflate,
@@ -110,6 +111,7 @@ from websockets.extensions.permessage_deflate import (
 )
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request as WsRequest
+from websockets.protocol import State
 from websockets.server import ServerProtocol
 from websockets.typing import ExtensionParameter
 
@@ -386,6 +388,42 @@ class SharedDeflateFactory(ServerPerMessageDeflateFactory):
         return response, shared
 
 
+_FRAMES: OrderedDict[tuple[int, bytes], bytes] = OrderedDict()
+
+
+def text_frame(data: bytes, deflate_bits: int = 0) -> bytes:
+    """One unmasked, final text frame (server to client) holding ``data``; compressed with
+    permessage-deflate (no context takeover, window ``deflate_bits``) when that is not 0 and the
+    message is large enough to be worth it. Large frames are remembered (see SharedDeflate)."""
+    size = len(data)
+    if size < SHARED_DEFLATE_MIN:
+        return (
+            (b"\x81%c" % size) + data if size < 126 else struct.pack("!BBH", 0x81, 126, size) + data
+        )
+    key = (deflate_bits, data)
+    frame = _FRAMES.get(key)
+    if frame is not None:
+        return frame
+    if deflate_bits:
+        packer = zlib.compressobj(wbits=-deflate_bits)
+        payload = (packer.compress(data) + packer.flush(zlib.Z_SYNC_FLUSH))[:-4]
+        first = 0xC1  # FIN, RSV1 (compressed), text
+    else:
+        payload, first = data, 0x81
+    n = len(payload)
+    if n < 126:
+        head = struct.pack("!BB", first, n)
+    elif n < 65536:
+        head = struct.pack("!BBH", first, 126, n)
+    else:
+        head = struct.pack("!BBQ", first, 127, n)
+    frame = head + payload
+    _FRAMES[key] = frame
+    if len(_FRAMES) > SHARED_DEFLATE_KEEP:
+        _FRAMES.popitem(last=False)
+    return frame
+
+
 class DirectChannel:
     """Frames written straight to one uvicorn WebSocket connection (no ASGI round trip)."""
 
@@ -402,15 +440,19 @@ class DirectChannel:
         """Bytes accepted but not yet handed to the kernel."""
         return self._proto.transport.get_write_buffer_size()
 
-    def send_text(self, data: bytes) -> bool:
+    def deflate_bits(self) -> int:
+        """The server's window size when permessage-deflate was negotiated, else 0."""
+        for ext in self._proto.conn.extensions:
+            if isinstance(ext, SharedDeflate):
+                return ext.local_max_window_bits
+        return 0
+
+    def write_frame(self, frame: bytes) -> bool:
+        """Write one complete frame made by :func:`text_frame` (False once closed)."""
         p = self._proto
-        if not self.open():
+        if not self.open() or p.conn.state is not State.OPEN:
             return False
-        try:
-            p.conn.send_text(data)
-        except (InvalidState, ProtocolError):
-            return False
-        p.transport.write(b"".join(p.conn.data_to_send()))
+        p.transport.write(frame)
         return True
 
     def abort(self) -> None:
@@ -460,18 +502,22 @@ class Sink(Protocol):
 
 
 class DirectSink:
-    __slots__ = ("channel", "closed", "limit")
+    """Writes whole frames: a batch shared by many clients is framed (and compressed) once per
+    window size, then each client costs one ``transport.write``."""
+
+    __slots__ = ("bits", "channel", "closed", "limit")
 
     def __init__(self, channel: DirectChannel, limit: int) -> None:
         self.channel = channel
         self.limit = limit
         self.closed = False
+        self.bits = channel.deflate_bits()
 
     def ready(self) -> bool:
         return self.channel.buffered() < self.limit
 
     def send(self, data: bytes) -> None:
-        if not self.closed and not self.channel.send_text(data):
+        if not self.closed and not self.channel.write_frame(text_frame(data, self.bits)):
             self.closed = True
 
     def abort(self) -> None:
@@ -619,6 +665,8 @@ class BridgeStats:
     clients_peak: int = 0
     nats_reconnects: int = 0
     errors: int = 0
+    fanout_seconds: float = 0.0  # time spent writing batches to clients, all together
+    fanout_ms_last: float = 0.0  # the last batch's
 
 
 class Bridge:
@@ -649,6 +697,7 @@ class Bridge:
         self._slots = 0  # clients connected or in their handshake
         self._timer: asyncio.TimerHandle | None = None
         self._last_flush = 0.0
+        self._turn = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connecting: asyncio.Task[None] | None = None
         self._inflight: dict[
@@ -763,8 +812,12 @@ class Bridge:
         changed = self.changed
         self.changed = {}
         behind = False
+        started = time.perf_counter()
         try:
             behind = self._fan_out(changed, now)
+            took = time.perf_counter() - started
+            self.stats.fanout_seconds += took
+            self.stats.fanout_ms_last = round(took * 1000, 3)
         except Exception as exc:  # pragma: no cover - a bug must not stop the fan-out for good
             self.stats.errors += 1
             log.exception("ws fan-out failed", extra=kv(error=repr(exc)))
@@ -779,7 +832,11 @@ class Bridge:
         shared: dict[tuple[bool, frozenset[str], frozenset[str]], tuple[bytes, int] | None] = {}
         slow_s = self.settings.ws_slow_client_seconds
         behind = False
-        for client in list(self.clients):
+        clients = list(self.clients)
+        if clients:  # a different client goes first each batch: nobody is always served last
+            self._turn = (self._turn + 1) % len(clients)
+            clients = clients[self._turn :] + clients[: self._turn]
+        for client in clients:
             if not client.active or client.sink.closed:
                 continue
             pending = client.pending
@@ -1139,6 +1196,8 @@ class Bridge:
             ("sow_ws_bytes_out", "Bytes sent to WebSocket clients (before compression)",
              s.bytes_out),
             ("sow_ws_batches", "Conflated batches fanned out", s.batches),
+            ("sow_ws_fanout_seconds", "Time spent writing batches to every client",
+             s.fanout_seconds),
             ("sow_ws_coalesced", "Quotes replaced by a newer one within a batch window",
              s.coalesced),
             ("sow_ws_conflated", "Queued quotes replaced by newer ones for slow clients",
