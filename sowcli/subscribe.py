@@ -61,7 +61,16 @@ async def run_subscribe(
     """Print quotes on ``subject`` until ``stop`` (or ``count`` quotes); returns how many."""
     out = out or sys.stdout
     stop = stop or asyncio.Event()
-    nc = await connect(url, name="sow-subscribe", attempts=3)
+    connecting = asyncio.create_task(connect(url, name="sow-subscribe", attempts=3))
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({connecting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    if not connecting.done():  # Ctrl+C while still connecting
+        connecting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await connecting
+        return 0
+    nc = connecting.result()
     printer = None if as_json else LinePrinter(out, out.isatty() if color is None else color)
     seen = 0
 
