@@ -214,12 +214,14 @@ def main() -> None:
             row = {
                 "p50": pct(lat, 50), "p90": pct(lat, 90), "p99": pct(lat, 99), "max": max(lat),
                 "rate": achieved, "cpu": cpu, "rss": rss_mb(server.pid), "n": len(lat),
+                "load": os.getloadavg()[0],
             }  # fmt: skip
             rows.append(row)
             print(
                 f"run {run}: {row['n']} requests at {achieved:.0f}/s: p50 {row['p50']:.2f} ms, "
                 f"p90 {row['p90']:.2f} ms, p99 {row['p99']:.2f} ms, max {row['max']:.1f} ms; "
-                f"server CPU {cpu:.0f} % of a core, RSS {row['rss']:.0f} MB",
+                f"server CPU {cpu:.0f} % of a core, RSS {row['rss']:.0f} MB; "
+                f"load avg {row['load']:.1f}",
                 flush=True,
             )
         med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
@@ -227,7 +229,8 @@ def main() -> None:
         print(
             f"GET {args.path} ({expect} quotes in the cache), {args.clients} clients, "
             f"{args.rate:.0f} req/s, medians of {args.runs} runs of {args.seconds:.0f} s on "
-            f"{platform.machine()} × {os.cpu_count()} CPUs, Python {platform.python_version()}:"
+            f"{platform.machine()} × {os.cpu_count()} CPUs, Python {platform.python_version()} "
+            f"(load average {med['load']:.1f}):"
         )
         print(
             f"  p50 {med['p50']:.2f} ms | p90 {med['p90']:.2f} ms | p99 {med['p99']:.2f} ms | "
