@@ -31,11 +31,12 @@ How the fan-out works, and why
   most every ``ws_batch_ms`` (the first quote after a quiet spell goes at once, later ones wait
   for the window). A quote older than the newest one seen for its stream is not forwarded.
 - **Encode once.** A batch is built once per distinct subscription (every ``"*"`` client shares
-  one bytes object) and compressed once: the permessage-deflate extension here
-  (:class:`SharedDeflate`) negotiates ``server_no_context_takeover``, so a message compresses to
-  the same bytes for every client with the same window size, and it remembers the last few
-  results. Without that, compressing each batch once per client costs more CPU than the rest of
-  the bridge together.
+  one bytes object), then framed and compressed once per window size (:func:`text_frame`): the
+  permessage-deflate extension here (:class:`SharedDeflateFactory`) always negotiates
+  ``server_no_context_takeover``, so a message compresses to the same bytes for every client
+  with the same window size. Each client then costs one ``transport.write``. Compressing each
+  batch once per client would cost more CPU than the rest of the bridge together. Each batch
+  also starts with a different client, so nobody is always served last.
 - **Slow clients.** Each client has a bound (``ws_client_queue_bytes``) on the bytes waiting in
   its socket buffer. A client over the bound is *behind*: its updates collect in a per-client
   dict (latest per stream again, so bounded by the number of streams, never a backlog) and go out
