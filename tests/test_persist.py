@@ -227,7 +227,12 @@ async def test_send_acks_acknowledges_each_message(
         await send_acks(client, [m.reply for m in msgs[:40]])
         await send_acks(client, [m.reply for m in msgs[40:]], TERM)
         await nc.flush()
-        info = await consumer_info(nc, settings)
+        # JetStream applies acks asynchronously after the server received them: poll.
+        for _ in range(100):
+            info = await consumer_info(nc, settings)
+            if (info.num_ack_pending, info.num_pending, info.ack_floor.stream_seq) == (0, 0, 50):
+                break
+            await asyncio.sleep(0.05)
         assert (info.num_ack_pending, info.num_pending, info.ack_floor.stream_seq) == (0, 0, 50)
     finally:
         await nc.close()
