@@ -52,7 +52,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import os
 import socket
 import time
 from collections import OrderedDict
@@ -77,6 +76,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sowcli import __version__, query
+from sowcli.bus.nats import instance_id
 from sowcli.config import Settings
 from sowcli.errors import UpstreamError, UsageError
 from sowcli.logs import kv
@@ -407,7 +407,7 @@ class ApiService:
         self._qdb_error = ""
         self.cache = QueryCache(s.api_query_cache_ms / 1000, s.api_query_cache_entries)
         self.limiter = RateLimiter(s.api_rate_limit_per_second, s.api_rate_limit_burst)
-        self.instance = f"{socket.gethostname()}:{os.getpid()}"
+        self.instance = instance_id()
         self.started = time.time()
         self.state = "starting"
         self.port: int | None = None

@@ -66,7 +66,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import os
 import socket
 import struct
 import time
@@ -117,11 +116,12 @@ from websockets.server import ServerProtocol
 from websockets.typing import ExtensionParameter
 
 from sowcli import __version__
-from sowcli.bus.nats import QUOTES_WILDCARD, connect, status_subject
+from sowcli.bus.nats import QUOTES_WILDCARD, connect, instance_id, status_subject
 from sowcli.config import SYMBOL_RE, Settings, redis_url
 from sowcli.errors import ConfigError, UpstreamError, UsageError
 from sowcli.logs import kv
 from sowcli.model import MARKET_NAMES, Market, Quote, decode_quote, encode_quote
+from sowcli.runtime import bind_socket
 from sowcli.servers.metrics import CONTENT_TYPE, ServerMetrics
 from sowcli.sinks.cache import latest_key
 
@@ -1366,24 +1366,6 @@ def health_answer(checks: dict[str, Check], extra: dict[str, Any]) -> tuple[int,
 # --- serving -------------------------------------------------------------------------------
 
 
-def bind_socket(host: str, port: int, *, what: str = "server") -> socket.socket:
-    """A listening TCP socket (port 0: any free port); ConfigError naming the address when it
-    cannot be bound."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(2048)
-    except OSError as exc:
-        sock.close()
-        raise ConfigError(
-            f"{what}: cannot listen on {host}:{port}: {exc.strerror or exc}"
-        ) from None
-    sock.setblocking(False)
-    return sock
-
-
 class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
@@ -1496,7 +1478,7 @@ class WsServer:
         self.bridge = Bridge(settings)
         self.metrics = ServerMetrics()
         self.metrics.register(self.bridge.collect)
-        self.instance = f"{socket.gethostname()}:{os.getpid()}"
+        self.instance = instance_id()
         self.state = "starting"
         endpoint = BridgeEndpoint(self.bridge)
         self.app = Starlette(

@@ -51,9 +51,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import random
-import socket
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -72,7 +70,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from sowcli.bus.nats import QUOTES_WILDCARD, connect, status_subject
+from sowcli.bus.nats import QUOTES_WILDCARD, connect, instance_id, status_subject
 from sowcli.config import SYMBOL_RE, Settings, redis_url
 from sowcli.errors import ConfigError
 from sowcli.logs import kv
@@ -597,7 +595,7 @@ class CacheStage:
         self.invalid = 0
         self.state = "starting"
         self.started = time.time()
-        self.instance = f"{socket.gethostname()}:{os.getpid()}"
+        self.instance = instance_id()
         self.nc: Client | None = None
         self._sub: Subscription | None = None
         self._symbols: set[str] = set()
