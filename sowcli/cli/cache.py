@@ -8,6 +8,7 @@ import typer
 
 from sowcli.cli.options import (
     ConfigOpt,
+    DragonflyUrlOpt,
     LogFormatOpt,
     LogLevelOpt,
     MetricsPortOpt,
@@ -24,15 +25,6 @@ EPILOG = (
     "  sow cache & sow cache      # two processes share the load (queue group)\n\n"
     "  redis-cli GET latest:spot:BTCUSDT ; redis-cli HGETALL stats:futures:ETHUSDT:$(date -u +%F)"
 )
-
-DragonflyUrlOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--dragonfly-url",
-        help="Dragonfly/Redis URL or host:port (env DRAGONFLY_URL; default redis://localhost:6379/0).",
-        show_default=False,
-    ),
-]
 
 
 def command(

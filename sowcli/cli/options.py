@@ -33,6 +33,14 @@ NatsUrlOpt = Annotated[
         show_default=False,
     ),
 ]
+DragonflyUrlOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--dragonfly-url",
+        help="Dragonfly/Redis URL or host:port (env DRAGONFLY_URL; default redis://localhost:6379/0).",
+        show_default=False,
+    ),
+]
 SymbolsOpt = Annotated[
     str | None,
     typer.Option(

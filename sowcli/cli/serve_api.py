@@ -8,6 +8,7 @@ import typer
 
 from sowcli.cli.options import (
     ConfigOpt,
+    DragonflyUrlOpt,
     LogFormatOpt,
     LogLevelOpt,
     NatsUrlOpt,
@@ -40,14 +41,7 @@ def command(
             "--port", "-p", min=0, max=65535, help="Port (default 8080).", show_default=False
         ),
     ] = None,
-    dragonfly_url: Annotated[
-        str | None,
-        typer.Option(
-            "--dragonfly-url",
-            help="Dragonfly/Redis URL or host:port (env DRAGONFLY_URL).",
-            show_default=False,
-        ),
-    ] = None,
+    dragonfly_url: DragonflyUrlOpt = None,
     questdb_url: Annotated[
         str | None,
         typer.Option(

@@ -8,6 +8,7 @@ import typer
 
 from sowcli.cli.options import (
     ConfigOpt,
+    DragonflyUrlOpt,
     LogFormatOpt,
     LogLevelOpt,
     NatsUrlOpt,
@@ -39,14 +40,7 @@ def command(
         ),
     ] = None,
     nats_url: NatsUrlOpt = None,
-    dragonfly_url: Annotated[
-        str | None,
-        typer.Option(
-            "--dragonfly-url",
-            help="Dragonfly/Redis URL for snapshots (env DRAGONFLY_URL).",
-            show_default=False,
-        ),
-    ] = None,
+    dragonfly_url: DragonflyUrlOpt = None,
     allowed_origins: Annotated[
         str | None,
         typer.Option(
