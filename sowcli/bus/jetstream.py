@@ -75,7 +75,7 @@ from nats.js.api import (
     StreamInfo,
 )
 
-from sowcli.bus.nats import QUOTES_WILDCARD
+from sowcli.bus.nats import QUOTES_WILDCARD, publish_many
 from sowcli.config import Settings
 from sowcli.errors import UpstreamError
 from sowcli.logs import kv
@@ -245,16 +245,7 @@ async def send_acks(nc: Client, replies: list[str], kind: bytes = ACK) -> None:
     """
     if not replies or nc.is_closed:
         return
-    send = getattr(nc, "_send_command", None)
-    flush = getattr(nc, "_flush_pending", None)
-    if send is None or flush is None:
-        for reply in replies:
-            await nc.publish(reply, kind)
-        return
-    size = len(kind)
-    tail = f" {size}\r\n".encode() + kind + b"\r\n"
-    await send(b"".join([b"PUB " + reply.encode() + tail for reply in replies]))
-    await flush()
+    await publish_many(nc, [(reply, kind) for reply in replies])
 
 
 # --- pull loop -----------------------------------------------------------------------------

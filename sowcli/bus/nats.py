@@ -21,7 +21,7 @@ import random
 import socket
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +37,7 @@ from sowcli.model import Quote, encode_quote
 log = logging.getLogger("sow.nats")
 
 QUOTES_WILDCARD = "quotes.>"
+PUBLISH_BATCH_MAX = 1000
 STATUS_PREFIX = "sow.status."
 _SUBJECTS: dict[tuple[str, str], str] = {}
 
@@ -137,6 +138,37 @@ async def connect(
             )
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 5.0)
+
+
+_PUB_PREFIX: dict[str, bytes] = {}
+
+
+async def publish_many(nc: Client, messages: Sequence[tuple[str, bytes]]) -> None:
+    """Publish ``(subject, payload)`` pairs with one write instead of one ``await`` each.
+
+    ``nc.publish`` costs ~1.5 µs of Python per message (three nested coroutines); writing the
+    plain ``PUB subject size`` lines of a whole batch as one buffer costs a fraction of that.
+    When the client lacks the internal write call (another nats-py version), this falls back to
+    ``publish`` one by one: slower, same result.
+    """
+    if not messages:
+        return
+    send = getattr(nc, "_send_command", None)
+    flush = getattr(nc, "_flush_pending", None)
+    if send is None or flush is None:
+        for subject, payload in messages:
+            await nc.publish(subject, payload)
+        return
+    parts: list[bytes] = []
+    for subject, payload in messages:
+        prefix = _PUB_PREFIX.get(subject)
+        if prefix is None:
+            if len(_PUB_PREFIX) > 100_000:  # bounded: subjects are symbols x markets (+ replies)
+                _PUB_PREFIX.clear()
+            prefix = _PUB_PREFIX[subject] = b"PUB " + subject.encode() + b" "
+        parts.append(prefix + b"%d\r\n" % len(payload) + payload + b"\r\n")
+    await send(b"".join(parts))
+    await flush()
 
 
 @dataclass(slots=True)
@@ -246,26 +278,20 @@ class NatsPublisher:
                 continue
             nc = self.nc
             assert nc is not None
-            publish = nc.publish
-            n = 0
-            try:
-                while buf and nc.is_connected:
-                    subject, payload = buf[0]
-                    await publish(subject, payload)
-                    buf.popleft()
-                    n += 1
-                    if n >= 1000:  # let other tasks run during a large backlog
-                        break
-            except nats.errors.OutboundBufferLimitError:
-                self._connected.clear()
-            except (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError):
+            if nc.is_closed:
                 return
+            # One write for everything waiting (bounded, so a backlog does not starve others).
+            batch = [buf.popleft() for _ in range(min(len(buf), PUBLISH_BATCH_MAX))]
+            try:
+                await publish_many(nc, batch)
             except Exception as exc:  # never let the publisher die silently
                 self.stats.errors += 1
-                log.error("nats publish failed", extra=kv(error=repr(exc)))
-                buf.popleft()
-            self.stats.published += n
-            if n >= 1000:
+                log.error("nats publish failed", extra=kv(error=repr(exc), count=len(batch)))
+                buf.extendleft(reversed(batch))  # keep them for the next try
+                await asyncio.sleep(0.1)
+                continue
+            self.stats.published += len(batch)
+            if buf:
                 await asyncio.sleep(0)
 
     async def stop(self, timeout_s: float = 1.5) -> None:
