@@ -24,7 +24,6 @@ encode on the hot path (see STYLE.md for the measurements).
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Literal
 
 import msgspec
@@ -59,11 +58,6 @@ class Quote(msgspec.Struct, frozen=True, kw_only=True):
         """(market, symbol): the identity of a quote stream."""
         return (self.market, self.symbol)
 
-    @property
-    def timestamp(self) -> datetime:
-        """The exchange event time as an aware UTC datetime."""
-        return datetime.fromtimestamp(self.ts / 1000, tz=UTC)
-
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(Quote)
@@ -77,10 +71,6 @@ def encode_quote(quote: Quote) -> bytes:
 def decode_quote(data: bytes | str) -> Quote:
     """JSON -> Quote; raises ``msgspec.ValidationError``/``DecodeError`` on a bad payload."""
     return _decoder.decode(data)
-
-
-def quote_to_dict(quote: Quote) -> dict[str, object]:
-    return msgspec.structs.asdict(quote)
 
 
 def market_name(market: str) -> Market:

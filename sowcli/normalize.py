@@ -169,9 +169,6 @@ class BybitNormalizer:
         if market == "SPOT":
             self._books.clear()
 
-    def has_snapshot(self, market: Market, symbol: str) -> bool:
-        return (market, symbol) in self._tickers
-
     def on_message(self, market: Market, msg: dict[str, Any], recv_us: int) -> Quote | None:
         """Apply one decoded data frame (it has a ``topic``); return the Quote it produces, if any.
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -150,52 +151,28 @@ class Hub:
         self.settings = settings
         self.source = source
         self.speed = speed
-        self.supervised = [Supervised(name, self._factory(name)) for name in stages]
+        self.supervised = [Supervised(name, functools.partial(self._make, name)) for name in stages]
         self.fatal: Exception | None = None
         self._fatal_event = asyncio.Event()
 
-    def _factory(self, name: str) -> Callable[[], Stage]:
+    def _make(self, name: str) -> Stage:
+        """A fresh stage object (imports are lazy: a stage not run costs nothing)."""
         s = self.settings
         if name == "publish":
+            from sowcli.publish import Publisher, SourceSpec
 
-            def make_publisher() -> Stage:
-                from sowcli.publish import Publisher, SourceSpec
-
-                return Publisher(s, source=SourceSpec.parse(self.source), speed=self.speed)
-
-            return make_publisher
+            return Publisher(s, source=SourceSpec.parse(self.source), speed=self.speed)
         if name == "cache":
+            from sowcli.sinks.cache import CacheStage
 
-            def make_cache() -> Stage:
-                from sowcli.sinks.cache import CacheStage
-
-                return CacheStage(s)
-
-            return make_cache
+            return CacheStage(s)
         if name == "persist":
+            from sowcli.persist import Persister
 
-            def make_persist() -> Stage:
-                from sowcli.persist import Persister
+            return Persister(s)
+        from sowcli.servers.api import ApiServer
 
-                return Persister(s)
-
-            return make_persist
-
-        def make_api() -> Stage:
-            from sowcli.servers.api import ApiServer
-
-            server = ApiServer(s)
-
-            class ApiStage:
-                async def run(self, stop: asyncio.Event | None = None) -> None:
-                    await server.run(stop)
-
-                def status(self) -> dict[str, Any]:
-                    return server.service.status()
-
-            return ApiStage()
-
-        return make_api
+        return ApiServer(s)
 
     def stages(self) -> list[tuple[str, Stage]]:
         """(component, stage) of every stage currently running — for metrics."""

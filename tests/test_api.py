@@ -139,13 +139,6 @@ async def client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
         yield c
 
 
-@pytest.fixture
-async def redis(redis_server: ServerProcess) -> AsyncIterator[aioredis.Redis]:
-    r = aioredis.Redis.from_url(redis_server.redis_url)
-    yield r
-    await r.aclose()
-
-
 def cache_quote(sym: str, price: float, market: str = "SPOT", ts: int = 1_767_225_600_000) -> Quote:
     return Quote(symbol=sym, market=market, price=price, volume=5.0, ts=ts, recv_us=ts * 1000,  # type: ignore[arg-type]
                  seq=ts)  # fmt: skip

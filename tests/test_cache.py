@@ -18,7 +18,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
-import nats
 import orjson
 import pytest
 import redis.asyncio as aioredis
@@ -26,7 +25,7 @@ import typer
 from nats.aio.client import Client as Nats
 from typer.testing import CliRunner
 
-from sowcli.bus.nats import quote_subject, status_subject
+from sowcli.bus.nats import status_subject
 from sowcli.cli import cache as cache_cli
 from sowcli.config import Settings
 from sowcli.errors import ConfigError
@@ -40,6 +39,7 @@ from sowcli.sinks.cache import (
     stats_key,
     timeseries_key,
 )
+from tests.helpers import publish_quotes as publish
 
 # 2026-08-09 23:59:59.000 UTC: quotes a few seconds apart straddle two UTC days.
 T0 = int(datetime(2026, 8, 9, 23, 59, 59, tzinfo=UTC).timestamp() * 1000)
@@ -118,26 +118,6 @@ async def stages() -> AsyncIterator[Running]:
         running.stop.set()
         for task in running.tasks:
             await asyncio.wait_for(task, 15)  # raises if a stage crashed
-
-
-@pytest.fixture
-async def nc(nats_server: ServerProcess) -> AsyncIterator[Nats]:
-    client = await nats.connect(nats_server.nats_url)
-    yield client
-    await client.close()
-
-
-@pytest.fixture
-async def redis(redis_server: ServerProcess) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_server.redis_url)
-    yield client
-    await client.aclose()
-
-
-async def publish(nc: Nats, quotes: list[Quote]) -> None:
-    for q in quotes:
-        await nc.publish(quote_subject(q.market, q.symbol), encode_quote(q))
-    await nc.flush()
 
 
 def written(*stages: CacheStage) -> int:

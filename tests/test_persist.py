@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -25,11 +25,11 @@ import pytest
 from nats.aio.client import Client
 
 from sowcli.bus.jetstream import TERM, ensure_persist_consumer, ensure_quotes_stream, send_acks
-from sowcli.bus.nats import quote_subject
 from sowcli.config import Settings
 from sowcli.infra import ServerProcess
-from sowcli.model import Quote, encode_quote
+from sowcli.model import Quote
 from sowcli.persist import Persister
+from tests.helpers import publish_quotes as publish
 from tests.servers import questdb_query, wait_questdb_applied
 
 ACK_WAIT_S = 2.0
@@ -119,15 +119,6 @@ async def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         await asyncio.sleep(0.05)
-
-
-async def publish(nc: Client, quotes: Iterable[Quote], *, pause_every: int = 0) -> None:
-    for i, q in enumerate(quotes, 1):
-        await nc.publish(quote_subject(q.market, q.symbol), encode_quote(q))
-        if pause_every and i % pause_every == 0:
-            await nc.flush()
-            await asyncio.sleep(0.01)  # a steady stream, not one burst
-    await nc.flush()
 
 
 def stored_rows(qdb: ServerProcess, symbol: str) -> list[list[Any]]:

@@ -27,13 +27,14 @@ from typer.testing import CliRunner
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from sowcli.bus.nats import quote_subject, status_subject
+from sowcli.bus.nats import status_subject
 from sowcli.cli import serve_ws as serve_ws_cli
 from sowcli.config import Settings
 from sowcli.infra import ServerProcess
 from sowcli.model import Quote, encode_quote
 from sowcli.servers.ws import WsServer, bind_socket, iso_ms, wire_quote
 from sowcli.sinks.cache import latest_key
+from tests.helpers import publish_quotes as publish
 
 pytestmark = pytest.mark.timeout(120)
 WAIT_S = 20.0  # bound of every wait below (a hang guard, not a performance threshold)
@@ -121,26 +122,6 @@ async def subscribe(ws: ClientConnection, symbols: list[str]) -> dict[str, Any]:
     """Subscribe and return the snapshot (skipping status messages)."""
     await ws.send(json.dumps({"type": "subscribe", "symbols": symbols}))
     return (await recv_until(ws, lambda d: d["type"] == "snapshot"))[-1]
-
-
-@pytest.fixture
-async def nc(nats_server: ServerProcess) -> AsyncIterator[Nats]:
-    client = await nats.connect(nats_server.nats_url)
-    yield client
-    await client.close()
-
-
-@pytest.fixture
-async def redis(redis_server: ServerProcess) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_server.redis_url)
-    yield client
-    await client.aclose()
-
-
-async def publish(nc: Nats, quotes: list[Quote]) -> None:
-    for q in quotes:
-        await nc.publish(quote_subject(q.market, q.symbol), encode_quote(q))
-    await nc.flush()
 
 
 def quotes_of(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -13,6 +13,7 @@ from sowcli.cli.options import (
     LogLevelOpt,
     MetricsPortOpt,
     NatsUrlOpt,
+    run_stage,
     settings_from,
     setup,
 )
@@ -71,8 +72,6 @@ def command(
     log_format: LogFormatOpt = None,
 ) -> None:
     """Keep the latest quote, history, daily timeseries and daily stats in Dragonfly/Redis."""
-    from sowcli.metrics import run_with_metrics
-    from sowcli.runtime import run_until_signal
     from sowcli.sinks.cache import CacheStage
 
     settings = settings_from(
@@ -81,9 +80,4 @@ def command(
         cache_flush_ms=flush_ms, log_level=log_level, log_format=log_format, metrics_port=metrics_port,
     )  # fmt: skip
     setup(settings)
-    stage = CacheStage(settings)
-    run_until_signal(
-        lambda stop: run_with_metrics(
-            stage, "cache", stop, host=settings.metrics_host, port=settings.metrics_port
-        )
-    )
+    run_stage(settings, CacheStage(settings), "cache")

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from sowcli.config import Settings, load_settings
+
+if TYPE_CHECKING:
+    from sowcli.metrics import Stage
 
 ConfigOpt = Annotated[
     Path | None,
@@ -82,6 +85,23 @@ FormatOpt = Annotated[
 def settings_from(config: Path | None, **overrides: Any) -> Settings:
     """Load settings with the given flag values (``None`` = flag not given) on top."""
     return load_settings(config, overrides)
+
+
+def run_stage(settings: Settings, stage: Stage, component: str | None = None) -> None:
+    """Run ``stage`` until SIGINT/SIGTERM; with ``metrics_port`` set (and a ``component`` name)
+    also serve its Prometheus metrics meanwhile."""
+    from sowcli import runtime
+
+    if component is None or not settings.metrics_port:
+        runtime.run_until_signal(stage.run)
+        return
+    from sowcli.metrics import run_with_metrics
+
+    runtime.run_until_signal(
+        lambda stop: run_with_metrics(
+            stage, component, stop, host=settings.metrics_host, port=settings.metrics_port
+        )
+    )
 
 
 def setup(settings: Settings) -> None:

@@ -12,6 +12,7 @@ from sowcli.cli.options import (
     LogLevelOpt,
     MetricsPortOpt,
     NatsUrlOpt,
+    run_stage,
     settings_from,
     setup,
 )
@@ -67,9 +68,7 @@ def command(
     log_format: LogFormatOpt = None,
 ) -> None:
     """Store every quote of the JetStream stream QUOTES in QuestDB market_data (ack after write)."""
-    from sowcli.metrics import run_with_metrics
     from sowcli.persist import Persister
-    from sowcli.runtime import run_until_signal
 
     settings = settings_from(
         config,
@@ -83,9 +82,4 @@ def command(
         metrics_port=metrics_port,
     )
     setup(settings)
-    stage = Persister(settings)
-    run_until_signal(
-        lambda stop: run_with_metrics(
-            stage, "persist", stop, host=settings.metrics_host, port=settings.metrics_port
-        )
-    )
+    run_stage(settings, Persister(settings), "persist")

@@ -17,6 +17,7 @@ from sowcli.cli.options import (
     SourceOpt,
     SpeedOpt,
     SymbolsOpt,
+    run_stage,
     settings_from,
     setup,
 )
@@ -60,9 +61,7 @@ def command(
     log_format: LogFormatOpt = None,
 ) -> None:
     """Stream Bybit tickers and publish one Quote JSON per update to NATS."""
-    from sowcli.metrics import run_with_metrics
     from sowcli.publish import Publisher, SourceSpec, parse_speed
-    from sowcli.runtime import run_until_signal
 
     settings = settings_from(
         config,
@@ -78,8 +77,4 @@ def command(
     pub = Publisher(
         settings, source=SourceSpec.parse(source), speed=parse_speed(speed), record=record
     )
-    run_until_signal(
-        lambda stop: run_with_metrics(
-            pub, "publisher", stop, host=settings.metrics_host, port=settings.metrics_port
-        )
-    )
+    run_stage(settings, pub, "publisher")

@@ -12,6 +12,7 @@ from sowcli.cli.options import (
     LogFormatOpt,
     LogLevelOpt,
     NatsUrlOpt,
+    run_stage,
     settings_from,
     setup,
 )
@@ -73,7 +74,6 @@ def command(
     log_format: LogFormatOpt = None,
 ) -> None:
     """Serve the REST API, /health, /metrics, OpenAPI at /docs and the WebSocket bridge at /ws."""
-    from sowcli.runtime import run_until_signal
     from sowcli.servers.api import ApiServer
 
     settings = settings_from(
@@ -82,4 +82,4 @@ def command(
         log_level=log_level, log_format=log_format,
     )  # fmt: skip
     setup(settings)
-    run_until_signal(ApiServer(settings).run)
+    run_stage(settings, ApiServer(settings))

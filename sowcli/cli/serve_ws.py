@@ -12,6 +12,7 @@ from sowcli.cli.options import (
     LogFormatOpt,
     LogLevelOpt,
     NatsUrlOpt,
+    run_stage,
     settings_from,
     setup,
 )
@@ -69,7 +70,6 @@ def command(
     log_format: LogFormatOpt = None,
 ) -> None:
     """Bridge NATS quotes to browsers over WebSocket: snapshot, then conflated batches."""
-    from sowcli.runtime import run_until_signal
     from sowcli.servers.ws import WsServer
 
     settings = settings_from(
@@ -78,4 +78,4 @@ def command(
         log_level=log_level, log_format=log_format,
     )  # fmt: skip
     setup(settings)
-    run_until_signal(WsServer(settings).run)
+    run_stage(settings, WsServer(settings))

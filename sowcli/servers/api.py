@@ -1016,6 +1016,10 @@ class ApiServer:
     def port(self) -> int | None:
         return self.service.port
 
+    def status(self) -> dict[str, Any]:
+        """The heartbeat document (``sow.status.api``), also what ``sow up`` shows."""
+        return self.service.status()
+
     async def run(
         self, stop: asyncio.Event | None = None, *, sock: socket.socket | None = None
     ) -> None:

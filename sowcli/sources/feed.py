@@ -50,12 +50,6 @@ class FrameOrigin(Protocol):
 
 
 @dataclass(slots=True)
-class SymbolActivity:
-    last_mono: float
-    last_ts: int
-
-
-@dataclass(slots=True)
 class FeedStats:
     frames_in: dict[str, int] = field(default_factory=lambda: {"SPOT": 0, "FUTURES": 0})
     malformed: int = 0
@@ -110,7 +104,8 @@ class Feed:
         self.normalizer = BybitNormalizer(spot_book=spot_book)
         self.stats = FeedStats()
         self.recorder = recorder
-        self.activity: dict[tuple[Market, str], SymbolActivity] = {}
+        # (market, symbol) -> monotonic time of its last quote: staleness and heartbeat ages
+        self.last_update: dict[tuple[Market, str], float] = {}
         self._queue: deque[tuple[FrameOrigin, bytes, int]] = deque()
         self._queue_max = queue_max
         self._wake = asyncio.Event()
@@ -176,7 +171,7 @@ class Feed:
         normalizer = self.normalizer
         on_message = normalizer.on_message
         frames_in = self.stats.frames_in
-        activity = self.activity
+        last_update = self.last_update
         recorder = self.recorder
         monotonic = time.monotonic
         while True:
@@ -214,13 +209,7 @@ class Feed:
                 quote = on_message(market, msg, recv_us)
                 if quote is None:
                     continue
-                key = (quote.market, quote.symbol)
-                act = activity.get(key)
-                if act is None:
-                    activity[key] = SymbolActivity(now, quote.ts)
-                else:
-                    act.last_mono = now
-                    act.last_ts = quote.ts
+                last_update[(quote.market, quote.symbol)] = now
                 for handler in self.handlers:
                     try:
                         await handler.on_quote(quote)
@@ -237,4 +226,4 @@ class Feed:
 
     def ages_s(self) -> dict[tuple[Market, str], float]:
         now = time.monotonic()
-        return {key: now - act.last_mono for key, act in self.activity.items()}
+        return {key: now - t for key, t in self.last_update.items()}
