@@ -132,6 +132,9 @@ class Publisher:
         all_handlers: list[QuoteHandler] = [self.nats] if self.nats else []
         all_handlers += list(handlers)
         self.feed = Feed(all_handlers, spot_book=settings.spot_book, recorder=self.recorder)
+        if self.nats is not None:
+            publisher = self.nats
+            publisher.on_congestion = lambda held: self.feed.hold(publisher, held)
         self.connections: dict[Market, BybitConnection] = {}
         self.started = time.time()
         self.instance = instance_id()

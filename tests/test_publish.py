@@ -23,6 +23,7 @@ from sowcli.config import Settings
 from sowcli.errors import RetriesExhausted
 from sowcli.model import Quote, decode_quote
 from sowcli.publish import Publisher, SourceSpec
+from sowcli.sources import feed as feed_module
 from tests.fakes.bybit_rest import FakeBybitRest
 from tests.fakes.bybit_ws import FakeBybit
 
@@ -402,6 +403,123 @@ async def test_buffer_bound_drops_oldest_and_counts(fresh_nats_server: Any) -> N
             assert pub.nats is not None
             assert pub.nats.buffered == 10 and pub.nats.stats.dropped == 15
             await asyncio.to_thread(fresh_nats_server.restart)
+
+
+async def test_a_stalled_nats_pauses_reading_instead_of_dropping(fresh_nats_server: Any) -> None:
+    """nats-server frozen (SIGSTOP) while Bybit streams at full speed: the connection stays up,
+    so the publisher's buffers fill; past its congestion mark it stops reading the exchange
+    socket (TCP slows the sender) instead of dropping. Once NATS runs again every quote reaches
+    the QUOTES stream, the last one last."""
+    url = fresh_nats_server.nats_url
+    async with FakeBybit(valid_symbols={"BTCUSDT"}, auto=False, initial_snapshot=True) as ex:
+        s = settings_for(ex, url, symbols=["BTCUSDT"], markets=["futures"], publish_buffer=20_000)
+        pub = Publisher(s, source=SourceSpec("bybit"))
+        assert pub.nats is not None
+        nats_pub = pub.nats
+        async with running(pub):
+            await ex.wait_subscribed("linear", "tickers.BTCUSDT")
+            await until(lambda: nats_pub.stats.published >= 1)
+            stream = asyncio.create_task(ex.stream_deltas("linear", rate=0))
+            os.kill(fresh_nats_server.pid, signal.SIGSTOP)
+            try:
+                await until(lambda: pub.feed.held, 20)
+                assert nats_pub.congested and nats_pub.connected
+            finally:
+                os.kill(fresh_nats_server.pid, signal.SIGCONT)
+            await until(lambda: not pub.feed.held, 20)
+            stream.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await stream
+            quotes = pub.feed.normalizer.stats
+            await until(lambda: nats_pub.stats.published == quotes.quotes, 20)
+            assert nats_pub.stats.dropped == 0 and pub.feed.stats.overflow_dropped == 0
+            last = pub.feed.normalizer._tickers[("FUTURES", "BTCUSDT")]
+        assert quotes.quotes > 20_000  # more than the buffer holds went through the stall
+        nc = await nats.connect(url)
+        try:
+            js = nc.jetstream()
+            stored = 0
+
+            async def stored_all() -> bool:
+                nonlocal stored
+                stored = (await js.stream_info("QUOTES")).state.messages
+                return stored >= quotes.quotes
+
+            async with asyncio.timeout(20):
+                while not await stored_all():
+                    await asyncio.sleep(0.05)
+            assert stored == quotes.quotes
+            got = await js.get_last_msg("QUOTES", "quotes.futures.BTCUSDT")
+            assert decode_quote(got.data) == last
+        finally:
+            await nc.close()
+
+
+class _AsyncHandler:
+    """A handler as the README shows it: ``async on_quote`` only (the queued path)."""
+
+    def __init__(self) -> None:
+        self.quotes: list[Quote] = []
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def on_quote(self, quote: Quote) -> None:
+        await asyncio.sleep(0)  # may await: the feed waits for it, in order
+        self.quotes.append(quote)
+
+
+class _SyncHandler(_AsyncHandler):
+    """A handler with ``on_quote_nowait`` too: frames are handled right in the socket callback."""
+
+    def on_quote_nowait(self, quote: Quote) -> None:
+        if quote.price == 13.0:
+            raise RuntimeError("a bug in a handler")
+        self.quotes.append(quote)
+
+
+@pytest.mark.parametrize("handler_type", [_AsyncHandler, _SyncHandler])
+async def test_custom_handlers_get_every_quote_in_order(
+    nats_server: Any, handler_type: type[_AsyncHandler]
+) -> None:
+    """Both kinds of QuoteHandler see exactly what NATS subscribers see; a handler that raises
+    is counted and costs only its own call."""
+    async with (
+        FakeBybit(valid_symbols={"BTCUSDT"}, auto=False, initial_snapshot=False) as ex,
+        collector(nats_server.nats_url, "quotes.futures.BTCUSDT") as c,
+    ):
+        s = settings_for(ex, nats_server.nats_url, symbols=["BTCUSDT"], markets=["futures"])
+        mine = handler_type()
+        pub = Publisher(s, source=SourceSpec("bybit"), handlers=[mine])
+        async with running(pub):
+            await ex.wait_subscribed("linear", "tickers.BTCUSDT")
+            await ex.send_ticker_snapshot("linear", "BTCUSDT", lastPrice="10")
+            for i in range(20):
+                await ex.send_ticker_delta("linear", "BTCUSDT", lastPrice=f"{11 + i}")
+            await c.wait(lambda: len(c.quotes) == 21)
+        failed = 1 if handler_type is _SyncHandler else 0
+        assert pub.feed.stats.handler_errors == failed
+        expected = [q for q in c.quotes if not (failed and q.price == 13.0)]
+        assert mine.quotes == expected
+        assert [q.price for q in c.quotes] == [float(p) for p in range(10, 31)]
+
+
+async def test_a_hold_expires_so_an_exchange_socket_is_never_starved(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(feed_module, "HOLD_MAX_S", 0.2)
+    feed = feed_module.Feed([])
+    paused: list[bool] = []
+    feed.add_pauser(paused.append)
+    feed.hold("a slow handler", True)
+    feed.hold("another", True)
+    assert feed.held and paused == [True]
+    feed.hold("another", False)
+    assert feed.held and paused == [True]
+    await until(lambda: not feed.held, 5)
+    assert paused == [True, False]
+    assert "could not catch up" in caplog.text
 
 
 async def test_record_then_replay_gives_the_same_quotes(nats_server: Any, tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ import random
 import socket
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +38,9 @@ log = logging.getLogger("sow.nats")
 
 QUOTES_WILDCARD = "quotes.>"
 PUBLISH_BATCH_MAX = 1000
+CONGESTED_AT = 20_000  # quotes waiting while connected: ask the sources to slow down ...
+UNCONGESTED_AT = 2_000  # ... until no more than this many wait
+DIRECT_WRITE_MAX = 1 << 20  # bytes waiting in the NATS socket's buffer beyond which we queue
 STATUS_PREFIX = "sow.status."
 _SUBJECTS: dict[tuple[str, str], str] = {}
 
@@ -143,6 +146,19 @@ async def connect(
 _PUB_PREFIX: dict[str, bytes] = {}
 
 
+def _pub_lines(messages: Iterable[tuple[str, bytes]]) -> bytes:
+    """``PUB subject size`` + payload for each message, as one buffer."""
+    parts: list[bytes] = []
+    for subject, payload in messages:
+        prefix = _PUB_PREFIX.get(subject)
+        if prefix is None:
+            if len(_PUB_PREFIX) > 100_000:  # bounded: subjects are symbols x markets (+ replies)
+                _PUB_PREFIX.clear()
+            prefix = _PUB_PREFIX[subject] = b"PUB " + subject.encode() + b" "
+        parts.append(b"%s%d\r\n%s\r\n" % (prefix, len(payload), payload))
+    return b"".join(parts)
+
+
 async def publish_many(nc: Client, messages: Sequence[tuple[str, bytes]]) -> None:
     """Publish ``(subject, payload)`` pairs with one write instead of one ``await`` each.
 
@@ -159,16 +175,43 @@ async def publish_many(nc: Client, messages: Sequence[tuple[str, bytes]]) -> Non
         for subject, payload in messages:
             await nc.publish(subject, payload)
         return
-    parts: list[bytes] = []
-    for subject, payload in messages:
-        prefix = _PUB_PREFIX.get(subject)
-        if prefix is None:
-            if len(_PUB_PREFIX) > 100_000:  # bounded: subjects are symbols x markets (+ replies)
-                _PUB_PREFIX.clear()
-            prefix = _PUB_PREFIX[subject] = b"PUB " + subject.encode() + b" "
-        parts.append(prefix + b"%d\r\n" % len(payload) + payload + b"\r\n")
-    await send(b"".join(parts))
+    await send(_pub_lines(messages))
     await flush()
+
+
+def write_nowait(nc: Client, messages: Sequence[tuple[str, bytes]]) -> bool:
+    """Write ``messages`` without an ``await``; False = not now (take the awaiting path).
+
+    The same bytes :func:`publish_many` hands to nats-py, written from a plain callback: straight
+    to the socket when nats-py has nothing of its own waiting (so nothing published earlier can
+    be overtaken) and the socket's write buffer is small, else into nats-py's pending buffer for
+    its flusher task. It declines when the client is not connected, the buffers are over their
+    bounds, or the client lacks these internals (another nats-py version). No coroutine and no
+    task switch per socket read: that is most of what a publish costs at a realistic rate.
+    """
+    try:
+        if not nc.is_connected or nc.is_connecting:
+            return False
+        pending = nc._pending_data_size
+        if pending == 0:
+            transport = nc._transport._io_writer.transport  # type: ignore[union-attr]
+            if transport.get_write_buffer_size() < DIRECT_WRITE_MAX and not transport.is_closing():
+                transport.write(_pub_lines(messages))
+                return True
+        flusher = nc._flusher_task
+        queue = nc._flush_queue
+        if flusher is None or flusher.done() or queue is None:
+            return False
+        if 0 < nc._max_pending_size <= pending:
+            return False
+        data = _pub_lines(messages)
+        nc._pending.append(data)
+        nc._pending_data_size += len(data)
+        if queue.empty():  # one queued future wakes the flusher; it writes all that is pending
+            queue.put_nowait(asyncio.get_running_loop().create_future())
+    except AttributeError:
+        return False
+    return True
 
 
 @dataclass(slots=True)
@@ -207,6 +250,17 @@ class NatsPublisher:
         self._task: asyncio.Task[None] | None = None
         self._connect_task: asyncio.Task[None] | None = None
         self._closing = False
+        self._kick_scheduled = False
+        self._draining = False  # the drain task holds a batch: the kick must not overtake it
+        # Back-pressure: called with True when NATS reads slower than quotes arrive, False when
+        # it caught up (``Publisher`` wires it to ``Feed.hold``). Never while disconnected: then
+        # the exchange sockets keep flowing and the bounded buffer decides.
+        self.on_congestion: Callable[[bool], None] | None = None
+        self.congested = False
+        # A read already taken from the socket is still processed after the pause: leave room.
+        self._congested_at = max(1, min(CONGESTED_AT, buffer_max // 4))
+        self._uncongested_at = min(UNCONGESTED_AT, self._congested_at // 10)
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def connected(self) -> bool:
@@ -218,12 +272,15 @@ class NatsPublisher:
 
     async def start(self) -> None:
         """Connect in the background (the exchange side starts at once); publish when ready."""
+        self._loop = asyncio.get_running_loop()
         self._connect_task = asyncio.create_task(self._connect(), name="nats-connect")
         self._task = asyncio.create_task(self._drain(), name="nats-publish")
 
     async def _connect(self) -> None:
         async def down() -> None:
             self._connected.clear()
+            if self.congested:
+                self._congestion(False)
 
         async def up() -> None:
             self._connected.set()
@@ -244,16 +301,52 @@ class NatsPublisher:
     async def on_quote(self, quote: Quote) -> None:
         self.publish_nowait(quote_subject(quote.market, quote.symbol), encode_quote(quote))
 
+    def on_quote_nowait(self, quote: Quote) -> None:
+        self.publish_nowait(quote_subject(quote.market, quote.symbol), encode_quote(quote))
+
     def publish_nowait(self, subject: str, payload: bytes) -> None:
-        """Queue one message; never blocks. Drops (and counts) the oldest when the buffer is full."""
+        """Queue one message; never blocks. Drops (and counts) the oldest when the buffer is full.
+
+        Everything queued during one pass of the event loop is handed to the client in one go
+        right after it (:meth:`_kick`, a plain callback); the drain task takes over while that is
+        not possible (NATS unreachable, client buffer full).
+        """
         buf = self._buffer
         if len(buf) >= self.buffer_max:
             buf.popleft()
             self.stats.dropped += 1
         buf.append((subject, payload))
-        if len(buf) > self.stats.buffered_peak:
-            self.stats.buffered_peak = len(buf)
-        self._wake.set()
+        n = len(buf)
+        if n > self.stats.buffered_peak:
+            self.stats.buffered_peak = n
+        if n >= self._congested_at and not self.congested and self._connected.is_set():
+            self._congestion(True)
+        if not self._kick_scheduled:
+            self._kick_scheduled = True
+            (self._loop or asyncio.get_running_loop()).call_soon(self._kick)
+
+    def _congestion(self, congested: bool) -> None:
+        self.congested = congested
+        if self.on_congestion is not None:
+            self.on_congestion(congested)
+
+    def _kick(self) -> None:
+        self._kick_scheduled = False
+        buf = self._buffer
+        if not buf:
+            return
+        nc = self.nc
+        if self._draining or nc is None or not self._connected.is_set():
+            self._wake.set()
+            return
+        batch = list(buf) if len(buf) <= PUBLISH_BATCH_MAX * 10 else None
+        if batch is not None and write_nowait(nc, batch):
+            buf.clear()
+            self.stats.published += len(batch)
+            if self.congested:
+                self._congestion(False)
+        else:
+            self._wake.set()
 
     async def publish_status(self, component: str, doc: dict[str, Any]) -> None:
         """Heartbeats skip the buffer: a stale heartbeat is worse than none."""
@@ -282,6 +375,7 @@ class NatsPublisher:
                 return
             # One write for everything waiting (bounded, so a backlog does not starve others).
             batch = [buf.popleft() for _ in range(min(len(buf), PUBLISH_BATCH_MAX))]
+            self._draining = True
             try:
                 await publish_many(nc, batch)
             except Exception as exc:  # never let the publisher die silently
@@ -290,7 +384,11 @@ class NatsPublisher:
                 buf.extendleft(reversed(batch))  # keep them for the next try
                 await asyncio.sleep(0.1)
                 continue
+            finally:
+                self._draining = False
             self.stats.published += len(batch)
+            if self.congested and len(buf) <= self._uncongested_at:
+                self._congestion(False)
             if buf:
                 await asyncio.sleep(0)
 

@@ -321,6 +321,9 @@ class CacheWriter:
     async def on_quote(self, quote: Quote) -> None:
         self.add(quote)
 
+    def on_quote_nowait(self, quote: Quote) -> None:
+        self.add(quote)
+
     def add(self, quote: Quote) -> None:
         """Buffer one quote for the next flush; never blocks (drops the oldest beyond the bound)."""
         buf = self._buffer

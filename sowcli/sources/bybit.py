@@ -32,6 +32,7 @@ import ssl
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from time import time_ns
 from typing import Any
 
 import orjson
@@ -42,7 +43,7 @@ from sowcli.errors import RetriesExhausted
 from sowcli.logs import kv
 from sowcli.model import Market
 from sowcli.runtime import backoff_s
-from sowcli.sources.feed import Feed, Recorder, now_us
+from sowcli.sources.feed import Feed, Recorder
 
 log = logging.getLogger("sow.bybit")
 
@@ -64,29 +65,40 @@ class ConnectionStats:
     pongs: int = 0
 
 
+# Enum members as plain module constants: read once per frame, an attribute lookup on the enum
+# class and an ``==`` between enums cost more than the rest of the callback.
+_TEXT, _BINARY, _CONTINUATION, _CLOSE = (
+    WSMsgType.TEXT,
+    WSMsgType.BINARY,
+    WSMsgType.CONTINUATION,
+    WSMsgType.CLOSE,
+)
+
+
 class _Listener(WSListener):
     def __init__(self, conn: BybitConnection) -> None:
         self.conn = conn
+        self.push = conn.feed.push
         self._parts: list[bytes] = []
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.conn._on_connected(transport)
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
-        recv_us = now_us()
+        recv_us = time_ns() // 1000
         kind = frame.msg_type
-        if kind == WSMsgType.TEXT or kind == WSMsgType.BINARY:
+        if kind is _TEXT or kind is _BINARY:
             if frame.fin and not self._parts:
-                self.conn._on_frame(frame.get_payload_as_bytes(), recv_us)
+                self.push(self.conn, frame.get_payload_as_bytes(), recv_us)
             else:
                 self._parts.append(frame.get_payload_as_bytes())
-        elif kind == WSMsgType.CONTINUATION:
+        elif kind is _CONTINUATION:
             self._parts.append(frame.get_payload_as_bytes())
             if frame.fin:
                 raw = b"".join(self._parts)
                 self._parts.clear()
-                self.conn._on_frame(raw, recv_us)
-        elif kind == WSMsgType.CLOSE:
+                self.push(self.conn, raw, recv_us)
+        elif kind is _CLOSE:
             transport.send_close(frame.get_close_code())
             transport.disconnect()
 
@@ -131,13 +143,23 @@ class BybitConnection:
         self.last_data_mono = 0.0
         self._stop = asyncio.Event()
         self._args_max = SPOT_ARGS_MAX if market == "SPOT" else LINEAR_ARGS_MAX
+        feed.add_pauser(self._pause_reading)
 
     # --- picows callbacks (synchronous, on the event loop) ------------------------------------
     def _on_connected(self, transport: WSTransport) -> None:
         self._transport = transport
 
-    def _on_frame(self, raw: bytes, recv_us: int) -> None:
-        self.feed.push(self, raw, recv_us)
+    def _pause_reading(self, paused: bool) -> None:
+        """Back-pressure from the feed: stop/resume reading the socket (TCP slows the sender)."""
+        transport = self._transport
+        if transport is None or transport.is_disconnected:
+            return
+        with contextlib.suppress(Exception):
+            raw = transport.underlying_transport
+            if paused:
+                raw.pause_reading()
+            else:
+                raw.resume_reading()
 
     def _on_disconnected(self) -> None:
         self._disconnected.set()
@@ -303,6 +325,8 @@ class BybitConnection:
         if self.recorder is not None:
             self.recorder.connect(self.name, self.url)
         self.feed.connection_reset(self)
+        if self.feed.held:
+            self._pause_reading(True)
         self._subscribe(self.wanted_topics())
         try:
             return await self._keepalive()
