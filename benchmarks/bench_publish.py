@@ -21,13 +21,16 @@ Measured per contender, each figure the median over --repeats runs:
 
   CPU us/frame   utime+stime of the relay process (/proc/PID/stat) divided by the messages it
   (max rate)     published (nats-server /connz in_msgs of its connection). The fake sends
-                 --max-frames deltas as fast as the socket takes them (--rate 0). The span is the
+                 --max-frames deltas as fast as the socket takes them (--rate 0), each burst of
+                 frames in one socket write as a busy server does (one write per frame made the
+                 fake the bottleneck: a fast relay then idled between tiny reads and was charged
+                 the machine's ~100 us wake-up per read instead of its work per frame). The span is the
                  whole delta stream: from the moment the relay has published every snapshot
                  until its last delta reaches the server, so backlogs and buffered publishes are
                  paid for. This is the figure that survives a noisy machine.
   quotes/s       messages published per second of wall time over the same span. On a 2-core
-                 machine the fake exchange (a Python websockets server) can be the bottleneck:
-                 its CPU % is shown next to it.
+                 machine the fake exchange (a Python websockets server) can still be the
+                 bottleneck: its CPU % is shown next to it.
   CPU us @rate   the same CPU figure over a --latency-window at --rate frames/s (2,000): at a
                  realistic rate each socket read carries a few frames, so per-read costs (task
                  switches, syscalls, NATS flushes) weigh more than at max rate.
@@ -773,8 +776,8 @@ def parse_args(argv: list[str] | None = None) -> Options:
     parser.add_argument(
         "--max-frames",
         type=int,
-        default=50_000,
-        help="frames the fake sends per max-rate run (50000)",
+        default=300_000,
+        help="frames the fake sends per max-rate run (300000)",
     )
     parser.add_argument(
         "--latency-window", type=float, default=4.0, help="seconds measured at --rate (4.0)"

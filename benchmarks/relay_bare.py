@@ -11,8 +11,8 @@ Two clients:
 - ``websockets``: ``await ws.recv()`` + ``await nc.publish()`` per message — the obvious relay
   anyone would write (one coroutine round trip per frame);
 - ``picows``: a Cython websocket client that hands frames to a plain callback; publishes are
-  queued and one task drains them in a loop (the shape of sow's own listener and NatsPublisher):
-  roughly the least CPU a Python relay can spend per frame.
+  queued and one task drains them in a loop with one ``await nc.publish`` each (the shape sow's
+  listener and publisher had before they moved to the socket callback and batched writes).
 
 Usage (normally started by ``bench_publish.py``)::
 

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import gzip
 import json
+import random
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
-from sowcli.model import Quote, decode_quote, encode_quote
-from sowcli.normalize import BybitNormalizer
+from sowcli.model import Market, Quote, decode_quote, encode_quote
+from sowcli.normalize import NOT_DECODED, TICKER_PREFIX, BybitNormalizer
+from sowcli.sources import simulate
 
 LINEAR_SNAPSHOT: dict[str, Any] = {
     "topic": "tickers.BTCUSDT",
@@ -326,3 +329,116 @@ def test_recording_every_linear_quote_is_snapshot_merged_with_every_delta(record
             checked += 1
     assert checked == 4 + 754  # 4 snapshots and 754 deltas, per the recording's README
     assert n.stats.dropped_deltas == 0 and n.stats.stale_frames == 0
+
+
+# --- the typed fast path gives exactly what the dict path gives ------------------------------
+
+
+def _both_paths(frames: list[tuple[Market, bytes]]) -> tuple[int, int]:
+    """Feed ``frames`` to two normalizers, one through the dict path only, one the way the feed
+    does (typed fast path for tickers frames, dict path for the rest); every result and every
+    counter must agree. Returns (frames the fast path decoded, frames it handed back)."""
+    reference, fast = BybitNormalizer(), BybitNormalizer()
+    decoded = handed_back = 0
+    for i, (market, raw) in enumerate(frames):
+        try:
+            msg = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            continue
+        if not isinstance(msg, dict) or "topic" not in msg:
+            continue
+        want = reference.on_message(market, msg, i)
+        got: Any = NOT_DECODED
+        if raw.startswith(TICKER_PREFIX):
+            got = fast.ticker_from_bytes(market, raw, i)
+            if got is NOT_DECODED:
+                handed_back += 1
+            else:
+                decoded += 1
+        if got is NOT_DECODED:
+            got = fast.on_message(market, msg, i)
+        assert got == want, raw
+        assert fast.stats == reference.stats, raw
+    return decoded, handed_back
+
+
+def test_fast_path_equals_dict_path_on_the_real_recording(recording: Path) -> None:
+    conns: dict[str, Market] = {"BYBIT.ws.2": "FUTURES", "BYBIT.ws.3": "SPOT"}
+    frames: list[tuple[Market, bytes]] = []
+    with gzip.open(recording, "rt") as fh:
+        for line in fh:
+            rec = json.loads(line)
+            if rec.get("t") == "recv" and rec.get("conn") in conns:
+                frames.append((conns[rec["conn"]], rec["data"].encode()))
+    decoded, handed_back = _both_paths(frames)
+    assert decoded == 4 + 754 + 81  # every tickers frame of the recording took the fast path
+    assert handed_back == 0
+
+
+def test_fast_path_equals_dict_path_on_simulated_frames() -> None:
+    rng = random.Random(7)
+    walks = simulate._walks(["BTCUSDT", "ETHUSDT", "DOGEUSDT"], rng)
+    frames: list[tuple[Market, bytes]] = []
+    for w in walks.values():
+        frames.append(("FUTURES", simulate.linear_snapshot(w, 1)))
+    for ts in range(2, 400):
+        for w in walks.values():
+            w.step(rng)
+            frames.append(("FUTURES", simulate.linear_delta(w, ts, rng)))
+            frames.extend(("SPOT", f) for f in simulate.spot_frames(w, ts, rng))
+    decoded, handed_back = _both_paths(frames)
+    assert decoded == 3 + 398 * 3 * 2 and handed_back == 0
+
+
+ODD_TICKER_DATA: list[str] = [
+    '"lastPrice":""',
+    '"lastPrice":null',
+    '"lastPrice":true',
+    '"lastPrice":"NaN"',
+    '"lastPrice":"inf"',
+    '"lastPrice":"-Infinity"',
+    '"lastPrice":"1_000"',
+    '"lastPrice":" 5"',
+    '"lastPrice":"abc"',
+    '"lastPrice":7',
+    '"lastPrice":7.5',
+    '"lastPrice":[1]',
+    '"markPrice":""',
+    '"markPrice":"nan"',
+    '"bid1Price":"12","ask1Price":""',
+    '"price24hPcnt":"0.0123"',
+    '"price24hPcnt":"-inf"',
+    '"fundingRate":"-0.00012345"',
+    '"symbol":5',
+    '"symbol":""',
+]
+ODD_ENVELOPES: list[str] = [
+    '"type":"delta","cs":{cs},"ts":{ts}',
+    '"type":"snapshot","cs":{cs},"ts":{ts}',
+    '"type":"delta","cs":"{cs}","ts":"{ts}"',
+    '"type":"delta","cs":{cs}',
+    '"type":"delta","cs":{cs},"ts":null',
+    '"type":"delta","cs":{cs},"ts":{ts}.0',
+    '"type":"delta","cs":{cs},"ts":{ts}.5',
+    '"type":"delta","cs":"","ts":{ts}',
+    '"type":"other","cs":{cs},"ts":{ts}',
+    '"type":"delta","cs":1,"ts":{ts}',
+]
+
+
+def test_fast_path_equals_dict_path_on_odd_frames() -> None:
+    """Odd values and envelopes (strings where numbers go, "", null, NaN, float ts, stale cs...):
+    the fast path either gives the dict path's answer or hands the frame back to it."""
+    frames: list[tuple[Market, bytes]] = []
+    for market in ("FUTURES", "SPOT"):
+        frames.append((market, orjson.dumps({**LINEAR_SNAPSHOT, "cs": 100, "ts": 1000})))
+        n = 0
+        for env in ODD_ENVELOPES:
+            for body in ODD_TICKER_DATA:
+                n += 1
+                head = env.format(cs=100 + n, ts=1000 + n)
+                data = body if body.startswith('"symbol"') else f'"symbol":"BTCUSDT",{body}'
+                raw = f'{{"topic":"tickers.BTCUSDT",{head},"data":{{{data}}}}}'
+                frames.append((market, raw.encode()))
+    decoded, handed_back = _both_paths(frames)
+    assert decoded > 50 and handed_back > 50  # both branches were exercised

@@ -21,7 +21,7 @@ import random
 import socket
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,17 +32,22 @@ from nats.aio.msg import Msg
 
 from sowcli.errors import UpstreamError
 from sowcli.logs import kv
-from sowcli.model import Quote, encode_quote
+from sowcli.model import Quote, encode_quote_into
 
 log = logging.getLogger("sow.nats")
+_encode_into = encode_quote_into
 
 QUOTES_WILDCARD = "quotes.>"
 PUBLISH_BATCH_MAX = 1000
-CONGESTED_AT = 20_000  # quotes waiting while connected: ask the sources to slow down ...
-UNCONGESTED_AT = 2_000  # ... until no more than this many wait
+# Back-pressure marks: bytes written that NATS has not taken yet (or quotes waiting, when they
+# cannot even be written) beyond which the sources are asked to stop reading ...
+CONGESTED_BYTES = 4 << 20
+CONGESTED_AT = 20_000
+RELIEVED_BYTES = 256 << 10  # ... until the backlog is down to this
 DIRECT_WRITE_MAX = 1 << 20  # bytes waiting in the NATS socket's buffer beyond which we queue
 STATUS_PREFIX = "sow.status."
 _SUBJECTS: dict[tuple[str, str], str] = {}
+_QUOTE_PREFIX: dict[tuple[str, str], bytes] = {}  # (market, symbol) -> b"PUB quotes... "
 
 
 def quote_subject(market: str, symbol: str) -> str:
@@ -146,48 +151,63 @@ async def connect(
 _PUB_PREFIX: dict[str, bytes] = {}
 
 
-def _pub_lines(messages: Iterable[tuple[str, bytes]]) -> bytes:
-    """``PUB subject size`` + payload for each message, as one buffer."""
-    parts: list[bytes] = []
-    for subject, payload in messages:
-        prefix = _PUB_PREFIX.get(subject)
-        if prefix is None:
-            if len(_PUB_PREFIX) > 100_000:  # bounded: subjects are symbols x markets (+ replies)
-                _PUB_PREFIX.clear()
-            prefix = _PUB_PREFIX[subject] = b"PUB " + subject.encode() + b" "
-        parts.append(b"%s%d\r\n%s\r\n" % (prefix, len(payload), payload))
-    return b"".join(parts)
+def _pub_prefix(subject: str) -> bytes:
+    """``PUB subject `` (cached, bounded: subjects are symbols x markets, plus ack replies)."""
+    prefix = _PUB_PREFIX.get(subject)
+    if prefix is None:
+        if len(_PUB_PREFIX) > 100_000:
+            _PUB_PREFIX.clear()
+        prefix = _PUB_PREFIX[subject] = b"PUB " + subject.encode() + b" "
+    return prefix
 
 
-async def publish_many(nc: Client, messages: Sequence[tuple[str, bytes]]) -> None:
-    """Publish ``(subject, payload)`` pairs with one write instead of one ``await`` each.
+def pub_line(subject: str, payload: bytes | bytearray) -> bytes:
+    """One message in the NATS protocol: ``PUB subject size`` CRLF payload CRLF."""
+    return b"%s%d\r\n%s\r\n" % (_pub_prefix(subject), len(payload), payload)
 
-    ``nc.publish`` costs ~1.5 µs of Python per message (three nested coroutines); writing the
-    plain ``PUB subject size`` lines of a whole batch as one buffer costs a fraction of that.
-    When the client lacks the internal write call (another nats-py version), this falls back to
-    ``publish`` one by one: slower, same result.
+
+def _unpub(line: bytes) -> tuple[str, bytes]:
+    """:func:`pub_line` reversed: (subject, payload)."""
+    subject_end = line.index(b" ", 4)
+    body = line.index(b"\r\n") + 2
+    return line[4:subject_end].decode(), line[body:-2]
+
+
+async def write_lines(nc: Client, lines: Sequence[bytes]) -> None:
+    """Publish pre-built :func:`pub_line` messages with one write instead of one ``await`` each.
+
+    ``nc.publish`` costs ~1.5 µs of Python per message (three nested coroutines); handing nats-py
+    the ``PUB`` lines of a whole batch as one buffer costs a fraction of that. When the client
+    lacks the internal write call (another nats-py version), this falls back to ``publish`` one
+    by one: slower, same result.
     """
-    if not messages:
+    if not lines:
         return
     send = getattr(nc, "_send_command", None)
     flush = getattr(nc, "_flush_pending", None)
     if send is None or flush is None:
-        for subject, payload in messages:
-            await nc.publish(subject, payload)
+        for line in lines:
+            await nc.publish(*_unpub(line))
         return
-    await send(_pub_lines(messages))
+    await send(b"".join(lines))
     await flush()
 
 
-def write_nowait(nc: Client, messages: Sequence[tuple[str, bytes]]) -> bool:
-    """Write ``messages`` without an ``await``; False = not now (take the awaiting path).
+async def publish_many(nc: Client, messages: Sequence[tuple[str, bytes]]) -> None:
+    """Publish ``(subject, payload)`` pairs as one write (see :func:`write_lines`)."""
+    await write_lines(nc, [pub_line(subject, payload) for subject, payload in messages])
 
-    The same bytes :func:`publish_many` hands to nats-py, written from a plain callback: straight
-    to the socket when nats-py has nothing of its own waiting (so nothing published earlier can
-    be overtaken) and the socket's write buffer is small, else into nats-py's pending buffer for
-    its flusher task. It declines when the client is not connected, the buffers are over their
-    bounds, or the client lacks these internals (another nats-py version). No coroutine and no
-    task switch per socket read: that is most of what a publish costs at a realistic rate.
+
+def write_nowait(nc: Client, data: bytes) -> bool:
+    """Write ``data`` (:func:`pub_line` messages) without an ``await``; False = not now.
+
+    What :func:`write_lines` hands to nats-py, written from a plain callback: straight to the
+    socket when nats-py has nothing of its own waiting (so nothing published earlier can be
+    overtaken), else into nats-py's pending buffer for its flusher task. It declines when the
+    client is not connected, nats-py's buffer is over its bound, or the client lacks these
+    internals (another nats-py version). No coroutine and no task switch per socket read: that
+    is most of what a publish costs at a realistic rate. The socket's own buffer is not bounded
+    here: the caller watches :func:`backlog_bytes`.
     """
     try:
         if not nc.is_connected or nc.is_connecting:
@@ -195,16 +215,16 @@ def write_nowait(nc: Client, messages: Sequence[tuple[str, bytes]]) -> bool:
         pending = nc._pending_data_size
         if pending == 0:
             transport = nc._transport._io_writer.transport  # type: ignore[union-attr]
-            if transport.get_write_buffer_size() < DIRECT_WRITE_MAX and not transport.is_closing():
-                transport.write(_pub_lines(messages))
-                return True
+            if transport.is_closing():
+                return False
+            transport.write(data)
+            return True
         flusher = nc._flusher_task
         queue = nc._flush_queue
         if flusher is None or flusher.done() or queue is None:
             return False
         if 0 < nc._max_pending_size <= pending:
             return False
-        data = _pub_lines(messages)
         nc._pending.append(data)
         nc._pending_data_size += len(data)
         if queue.empty():  # one queued future wakes the flusher; it writes all that is pending
@@ -212,6 +232,17 @@ def write_nowait(nc: Client, messages: Sequence[tuple[str, bytes]]) -> bool:
     except AttributeError:
         return False
     return True
+
+
+def backlog_bytes(nc: Client) -> int:
+    """Bytes handed to the client that the NATS server has not taken yet (nats-py's pending
+    buffer plus the socket's write buffer); 0 when unknown."""
+    try:
+        size: int = nc._pending_data_size
+        size += nc._transport._io_writer.transport.get_write_buffer_size()  # type: ignore[union-attr]
+    except AttributeError:
+        return 0
+    return size
 
 
 @dataclass(slots=True)
@@ -244,7 +275,8 @@ class NatsPublisher:
         self.buffer_max = buffer_max
         self.stats = PublisherStats()
         self.nc: Client | None = None
-        self._buffer: deque[tuple[str, bytes]] = deque()
+        self._buffer: deque[bytes] = deque()  # pub_line()s
+        self._scratch = bytearray(1024)  # where each Quote is encoded (no per-quote resizing)
         self._wake = asyncio.Event()
         self._connected = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -259,7 +291,6 @@ class NatsPublisher:
         self.congested = False
         # A read already taken from the socket is still processed after the pause: leave room.
         self._congested_at = max(1, min(CONGESTED_AT, buffer_max // 4))
-        self._uncongested_at = min(UNCONGESTED_AT, self._congested_at // 10)
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
@@ -299,10 +330,18 @@ class NatsPublisher:
         await up()
 
     async def on_quote(self, quote: Quote) -> None:
-        self.publish_nowait(quote_subject(quote.market, quote.symbol), encode_quote(quote))
+        self.on_quote_nowait(quote)
 
     def on_quote_nowait(self, quote: Quote) -> None:
-        self.publish_nowait(quote_subject(quote.market, quote.symbol), encode_quote(quote))
+        prefix = _QUOTE_PREFIX.get((quote.market, quote.symbol))
+        if prefix is None:
+            if len(_QUOTE_PREFIX) > 100_000:  # bounded, like the subject caches
+                _QUOTE_PREFIX.clear()
+            prefix = _pub_prefix(quote_subject(quote.market, quote.symbol))
+            _QUOTE_PREFIX[(quote.market, quote.symbol)] = prefix
+        scratch = self._scratch
+        _encode_into(quote, scratch)
+        self._queue_line(b"%s%d\r\n%s\r\n" % (prefix, len(scratch), scratch))
 
     def publish_nowait(self, subject: str, payload: bytes) -> None:
         """Queue one message; never blocks. Drops (and counts) the oldest when the buffer is full.
@@ -311,11 +350,14 @@ class NatsPublisher:
         right after it (:meth:`_kick`, a plain callback); the drain task takes over while that is
         not possible (NATS unreachable, client buffer full).
         """
+        self._queue_line(pub_line(subject, payload))
+
+    def _queue_line(self, line: bytes) -> None:
         buf = self._buffer
         if len(buf) >= self.buffer_max:
             buf.popleft()
             self.stats.dropped += 1
-        buf.append((subject, payload))
+        buf.append(line)
         n = len(buf)
         if n > self.stats.buffered_peak:
             self.stats.buffered_peak = n
@@ -339,14 +381,30 @@ class NatsPublisher:
         if self._draining or nc is None or not self._connected.is_set():
             self._wake.set()
             return
-        batch = list(buf) if len(buf) <= PUBLISH_BATCH_MAX * 10 else None
-        if batch is not None and write_nowait(nc, batch):
-            buf.clear()
-            self.stats.published += len(batch)
-            if self.congested:
-                self._congestion(False)
-        else:
+        count = len(buf)
+        if not write_nowait(nc, b"".join(buf)):
             self._wake.set()
+            return
+        buf.clear()
+        self.stats.published += count
+        if not self.congested and backlog_bytes(nc) > CONGESTED_BYTES:
+            self._congestion(True)
+            self._wake.set()  # the drain task waits for NATS to catch up, then lets go
+
+    async def _relieve(self) -> None:
+        """Congested, nothing of ours waiting: wait until NATS took most of what was written."""
+        nc = self.nc
+        if nc is None or not self._connected.is_set():
+            self._congestion(False)
+            return
+        transport = nc._transport
+        if transport is not None:
+            with contextlib.suppress(Exception):
+                await transport.drain()  # type: ignore[no-untyped-call]  # the socket's flow control
+        if backlog_bytes(nc) <= RELIEVED_BYTES:
+            self._congestion(False)
+        else:  # nats-py's flusher is still writing its pending buffer
+            await asyncio.sleep(0.001)
 
     async def publish_status(self, component: str, doc: dict[str, Any]) -> None:
         """Heartbeats skip the buffer: a stale heartbeat is worse than none."""
@@ -358,6 +416,9 @@ class NatsPublisher:
     async def _drain(self) -> None:
         buf = self._buffer
         while True:
+            if self.congested and not buf:
+                await self._relieve()
+                continue
             if not buf:
                 self._wake.clear()
                 if self._closing:
@@ -377,7 +438,7 @@ class NatsPublisher:
             batch = [buf.popleft() for _ in range(min(len(buf), PUBLISH_BATCH_MAX))]
             self._draining = True
             try:
-                await publish_many(nc, batch)
+                await write_lines(nc, batch)
             except Exception as exc:  # never let the publisher die silently
                 self.stats.errors += 1
                 log.error("nats publish failed", extra=kv(error=repr(exc), count=len(batch)))
@@ -387,8 +448,6 @@ class NatsPublisher:
             finally:
                 self._draining = False
             self.stats.published += len(batch)
-            if self.congested and len(buf) <= self._uncongested_at:
-                self._congestion(False)
             if buf:
                 await asyncio.sleep(0)
 

@@ -28,6 +28,7 @@ import contextlib
 import itertools
 import logging
 import re
+import socket
 import ssl
 import time
 from collections.abc import Iterable
@@ -49,6 +50,10 @@ log = logging.getLogger("sow.bybit")
 
 SPOT_ARGS_MAX = 10
 LINEAR_ARGS_MAX = 200
+# The exchange socket's receive buffer. Bounded (the kernel would otherwise grow it to several
+# MB): one read of it is processed in one go, so it bounds how far a burst can overshoot the
+# publisher's back-pressure mark, and the memory that costs. 1 MB is seconds of real traffic.
+SOCKET_RCVBUF = 1 << 20
 HEALTHY_SESSION_S = 10.0  # a session that delivered data for this long resets the retry count
 _TOPIC_RE = re.compile(r"(?:tickers|orderbook\.\d+)\.([A-Z0-9]+)")
 _req_ids = itertools.count(1)
@@ -315,6 +320,9 @@ class BybitConnection:
         except Exception as exc:
             return f"connect failed: {exc or type(exc).__name__}"
         self._transport = transport
+        with contextlib.suppress(Exception):
+            sock = transport.underlying_transport.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_RCVBUF)
         self.stats.connects += 1
         self.stats.state = "connected"
         self.stats.since = time.time()

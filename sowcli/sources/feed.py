@@ -32,7 +32,7 @@ import orjson
 
 from sowcli.logs import kv
 from sowcli.model import Market, Quote
-from sowcli.normalize import BybitNormalizer
+from sowcli.normalize import NOT_DECODED, TICKER_PREFIX, BybitNormalizer
 
 log = logging.getLogger("sow.feed")
 
@@ -149,7 +149,11 @@ class Feed:
         if sync is not None and not self._queue and self._task is not None and not self._stopping:
             quote = self._decode(origin, raw, recv_us)
             if quote is not None:
-                self._dispatch_nowait(sync, quote)
+                for on_quote in sync:
+                    try:
+                        on_quote(quote)
+                    except Exception as exc:
+                        self._handler_failed(on_quote, exc)
             return
         if len(self._queue) >= self._queue_max:
             self.stats.overflow_dropped += 1
@@ -246,6 +250,14 @@ class Feed:
         if self.recorder is not None:
             self.recorder.recv(origin.name, raw, recv_us)
         self.stats.frames_in[market] += 1
+        if raw.startswith(TICKER_PREFIX):  # the hot path: typed decoding of a tickers frame
+            quote = self.normalizer.ticker_from_bytes(market, raw, recv_us)
+            if quote is not NOT_DECODED:
+                now = time.monotonic()
+                origin.last_data_mono = now
+                if quote is not None:
+                    self.last_update[(market, quote.symbol)] = now
+                return quote
         try:
             msg = orjson.loads(raw)
         except orjson.JSONDecodeError:

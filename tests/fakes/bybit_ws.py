@@ -44,6 +44,7 @@ from typing import Any, Final, Literal
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
+from websockets.protocol import State
 
 __all__ = [
     "KLINE_INTERVALS",
@@ -318,6 +319,19 @@ class _Conn:
     market: Market
     conn_id: str
     topics: set[str] = field(default_factory=set)
+
+
+def _ws_text_frame(text: str) -> bytes:
+    """One unmasked, uncompressed server-to-client text frame (RFC 6455 5.2), FIN set."""
+    payload = text.encode()
+    n = len(payload)
+    if n < 126:
+        header = bytes((0x81, n))
+    elif n < 1 << 16:
+        header = bytes((0x81, 126)) + n.to_bytes(2, "big")
+    else:
+        header = bytes((0x81, 127)) + n.to_bytes(8, "big")
+    return header + payload
 
 
 def _topic_symbol(topic: str) -> str:
@@ -703,6 +717,22 @@ class FakeBybit:
             return False
         return True
 
+    async def _send_frames(self, conn: _Conn, frames: list[bytes]) -> bool:
+        """Write already-framed text frames with one socket write, then wait for the socket.
+
+        The load generator's path: a burst of frames costs one write instead of one ``send`` each,
+        so that the fake is not what limits a fast client (a busy real server coalesces its
+        writes too). Uncompressed frames are valid whatever extensions were negotiated."""
+        ws = conn.ws
+        if ws.state is not State.OPEN:
+            return False
+        try:
+            ws.transport.write(b"".join(frames))
+            await ws.drain()
+        except (ConnectionError, ConnectionClosed, RuntimeError):
+            return False
+        return ws.state is State.OPEN
+
     async def _publish(self, market: Market, topic: str, data: str) -> int:
         sent = 0
         for conn in list(self._conns[market]):
@@ -1026,6 +1056,7 @@ class FakeBybit:
                 n = min(n, frames - sent)
             conns = list(self._conns[market])
             sent_before = sent
+            out: dict[_Conn, list[bytes]] = {}
             for _ in range(n):
                 topic = topics[idx % len(topics)]
                 idx += 1
@@ -1042,12 +1073,15 @@ class FakeBybit:
                     + str(time.time_ns() // 1_000_000)
                     + "}"
                 )
-                reached = False
+                frame = b""
                 for conn in conns:
-                    if topic in conn.topics and await self._send_conn(conn, text):
-                        reached = True
-                if reached:
+                    if topic in conn.topics:
+                        frame = frame or _ws_text_frame(text)
+                        out.setdefault(conn, []).append(frame)
+                if frame:
                     sent += 1
+            for conn, burst in out.items():
+                await self._send_frames(conn, burst)
             if rate <= 0:
                 await asyncio.sleep(0)
             elif sent == sent_before:
