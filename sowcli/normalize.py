@@ -98,7 +98,7 @@ TICKER_PREFIX: Final = b'{"topic":"tickers.'  # how Bybit (and the fake) start a
 NOT_DECODED: Final[Any] = object()  # ticker_from_bytes: "take the dict path for this one"
 
 
-class _TickerData(msgspec.Struct):
+class _TickerData(msgspec.Struct, gc=False):
     symbol: str = ""
     lastPrice: float | UnsetType = UNSET
     volume24h: float | UnsetType = UNSET
@@ -114,7 +114,7 @@ class _TickerData(msgspec.Struct):
     openInterest: float | UnsetType = UNSET
 
 
-class _TickerFrame(msgspec.Struct):
+class _TickerFrame(msgspec.Struct, gc=False):
     topic: str
     ts: int
     data: _TickerData

@@ -37,7 +37,6 @@ from typing import Any
 import msgspec
 import orjson
 from nats.aio.client import Client
-from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from questdb import QuestDBError
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
@@ -84,8 +83,8 @@ class Batch:
     def __init__(self, buffer: Buffer) -> None:
         self.buffer = buffer
         self.rows = 0
-        self.replies: list[str] = []  # acked once the rows are written
-        self.invalid: list[str] = []  # terminated with the batch
+        self.replies: list[bytes] = []  # acked once the rows are written
+        self.invalid: list[bytes] = []  # terminated with the batch
         self.started = time.monotonic()
 
     @property
@@ -201,27 +200,31 @@ class Persister:
     def _held(self) -> int:
         return self._in_hand
 
-    def _on_message(self, msg: Msg) -> None:
+    def _on_message(self, subject: bytes, reply: bytes, data: bytes) -> None:
         batch = self._batch
         if batch is None:
             batch = self._batch = Batch(self.writer.new_buffer())
             self._work.set()  # the flush loop starts this batch's flush_ms clock
         self._in_hand += 1
         try:
-            quote = decode_quote(msg.data)
+            quote = decode_quote(data)
             if not MIN_TS_MS <= quote.ts <= MAX_TS_MS:
                 raise ValueError(f"ts {quote.ts} is not an event time in ms")
             add_quote(batch.buffer, quote)
         except _QUOTE_ERRORS as exc:
-            batch.invalid.append(msg.reply)
+            batch.invalid.append(reply)
             self.invalid += 1
             if self.invalid <= 10 or self.invalid % 1000 == 0:
                 log.warning(
                     "invalid quote payload skipped",
-                    extra=kv(subject=msg.subject, error=str(exc)[:200], invalid_total=self.invalid),
+                    extra=kv(
+                        subject=subject.decode(errors="replace"),
+                        error=str(exc)[:200],
+                        invalid_total=self.invalid,
+                    ),
                 )
         else:
-            batch.replies.append(msg.reply)
+            batch.replies.append(reply)
             batch.rows += 1
         if batch.rows + len(batch.invalid) >= self.batch_rows:
             self._seal()

@@ -54,7 +54,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,7 +75,7 @@ from nats.js.api import (
     StreamInfo,
 )
 
-from sowcli.bus.nats import QUOTES_WILDCARD, publish_many
+from sowcli.bus.nats import QUOTES_WILDCARD, pub_line, write_lines
 from sowcli.config import Settings
 from sowcli.errors import UpstreamError
 from sowcli.logs import kv
@@ -234,7 +234,7 @@ TERM = b"+TERM"
 IN_PROGRESS = b"+WPI"
 
 
-async def send_acks(nc: Client, replies: list[str], kind: bytes = ACK) -> None:
+async def send_acks(nc: Client, replies: Sequence[bytes | str], kind: bytes = ACK) -> None:
     """Send one ack (``ACK``, ``TERM`` or ``IN_PROGRESS``) to each reply subject, in one write.
 
     Each JetStream message needs its own ack message. ``nc.publish`` per ack costs ~2 µs of
@@ -245,7 +245,7 @@ async def send_acks(nc: Client, replies: list[str], kind: bytes = ACK) -> None:
     """
     if not replies or nc.is_closed:
         return
-    await publish_many(nc, [(reply, kind) for reply in replies])
+    await write_lines(nc, [pub_line(reply, kind) for reply in replies])
 
 
 # --- pull loop -----------------------------------------------------------------------------
@@ -275,7 +275,7 @@ class PullConsumer:
         nc: Client,
         stream: str,
         consumer: str,
-        on_message: Callable[[Msg], None],
+        on_message: Callable[[bytes, bytes, bytes], None],
         *,
         batch: int,
         max_held: int,
@@ -305,6 +305,8 @@ class PullConsumer:
             }
         ).encode()
         self._sub: Subscription | None = None
+        self._direct = False
+        self._topping: asyncio.Future[None] | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self._last_activity = time.monotonic()
         self._requested_at = 0.0
@@ -317,6 +319,8 @@ class PullConsumer:
             pending_msgs_limit=4 * self.max_held + 10_000,
             pending_bytes_limit=512 * 1024 * 1024,
         )
+        deliver = getattr(self.nc, "deliver_direct", None)  # sowcli.bus.nats.DirectClient
+        self._direct = bool(deliver is not None and deliver(self._sub, self._on_data))
         self._watchdog = asyncio.create_task(self._watch(), name="jetstream-pull-watchdog")
         await self.top_up()
 
@@ -330,6 +334,8 @@ class PullConsumer:
         if self._sub is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._sub.drain(), timeout=5.0)  # type: ignore[no-untyped-call]
+            if self._direct:
+                self.nc.deliver_direct(self._sub, None)  # type: ignore[attr-defined]
             self._sub = None
 
     def reset(self) -> None:
@@ -354,13 +360,22 @@ class PullConsumer:
                 self.credit -= self.batch
                 return
 
+    def _on_data(self, subject: bytes, reply: bytes, data: bytes) -> None:
+        """A data message (its reply subject is the ack subject): the hot path, once per message."""
+        if not reply:  # not from JetStream: nothing to ack, nothing it counts against
+            return
+        self.credit -= 1
+        self.stats.delivered += 1
+        self.on_message(subject, reply, data)
+        if self.credit < self.batch and self.credit + self.held() + self.batch <= self.max_held:
+            topping = self._topping
+            if topping is None or topping.done():
+                self._topping = asyncio.ensure_future(self.top_up())
+
     async def _on_msg(self, msg: Msg) -> None:
-        if msg.reply:  # a data message (its reply subject is the ack subject): the hot path
-            self.credit -= 1
-            self.stats.delivered += 1
-            self.on_message(msg)
-            if self.credit < self.batch and self.credit + self.held() + self.batch <= self.max_held:
-                await self.top_up()
+        """nats-py's path: status messages, and data when direct delivery is unavailable."""
+        if msg.reply:
+            self._on_data(msg.subject.encode(), msg.reply.encode(), msg.data)
             return
         self._last_activity = time.monotonic()
         self.stats.status_msgs += 1

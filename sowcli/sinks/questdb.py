@@ -127,15 +127,28 @@ def ilp_conf(http_url: str) -> str:
     return conf
 
 
+_SYMBOLS: dict[
+    tuple[str, str], dict[str, str | None]
+] = {}  # read-only once built: shared per stream
+
+
 def add_quote(buffer: Buffer, quote: Quote, table: str = "market_data") -> None:
     """Append one Quote as a row: ``symbol``/``market`` symbols, the other fields as columns.
 
     The designated timestamp is the exchange event time ``quote.ts`` (never server time), so a
     redelivered quote lands on the same DEDUP keys. ``None`` values are skipped (NULL).
     """
+    symbols = _SYMBOLS.get((quote.symbol, quote.market))
+    if symbols is None:
+        if len(_SYMBOLS) > 100_000:  # bounded: symbols x markets
+            _SYMBOLS.clear()
+        symbols = _SYMBOLS[(quote.symbol, quote.market)] = {
+            "symbol": quote.symbol,
+            "market": quote.market,
+        }
     buffer.row(
         table,
-        symbols={"symbol": quote.symbol, "market": quote.market},
+        symbols=symbols,
         columns={
             "price": quote.price,
             "volume": quote.volume,
