@@ -32,6 +32,11 @@ and acks could only advance one message per ack-floor check. So acks are **expli
 message** - correct and fully parallel with any number of processes - and :func:`send_acks`
 writes a whole batch's acks as one buffer, which brings their client cost close to AckAll's.
 
+On a :class:`sowcli.bus.nats.DirectClient` (what :func:`sowcli.bus.nats.connect` returns) the
+data messages skip nats-py's per-message machinery: the protocol parser hands them to
+:meth:`PullConsumer._on_data` as bytes (persist CPU per row 9.8 -> 6.5 µs). Status messages
+(they carry headers) still take nats-py's path.
+
 The consumer is a **pull** consumer driven by :class:`PullConsumer`: we request only what we can
 hold (memory stays bounded, nothing is dropped as a "slow consumer", a QuestDB outage simply stops
 the pulling), and several processes share it natively. nats-py's ``fetch()`` is slow because it
