@@ -482,9 +482,25 @@ def find_nats_server() -> Path:
     )
 
 
+# nats-server >= 2.11 drops (with one log line) core-NATS publishes into a stream once more than
+# max_buffered_msgs (default 10,000) wait to be stored. sow publish feeds the QUOTES stream that
+# way, and flushes up to publish_buffer (100,000) quotes at once after a NATS outage: room for
+# that burst, several times over. deploy/nats.conf carries the same for docker compose.
+NATS_CONF = """\
+jetstream {
+  max_buffered_msgs: 1000000
+  max_buffered_size: 512MB
+}
+"""
+
+
 def _nats_command(home: Path, ports: Mapping[str, int]) -> list[str]:
+    conf = home / "nats.conf"
+    conf.parent.mkdir(parents=True, exist_ok=True)
+    conf.write_text(NATS_CONF)
     return [
         str(find_nats_server()),
+        "-c", str(conf),
         "-a", "127.0.0.1",
         "-p", str(ports["client"]),
         "-m", str(ports["monitor"]),

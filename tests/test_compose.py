@@ -245,3 +245,23 @@ def test_dashboard_queries_only_metrics_sow_exposes(
                         f'{name}{{{label}="{value}"}} never appears'
                     )
     assert checked >= 20
+
+
+def test_nats_gets_room_for_a_publish_burst_in_compose_and_infra(tmp_path: Path) -> None:
+    """nats-server >= 2.11 silently drops core-NATS publishes into a stream beyond
+    ``max_buffered_msgs`` (default 10,000) waiting to be stored; sow publish flushes up to
+    ``publish_buffer`` quotes at once after an outage. The servers sow starts (sow infra, the
+    tests) and the compose file's must both leave room for that, with the same settings."""
+    from sowcli.config import Settings
+    from sowcli.infra import NATS_CONF, _nats_command
+
+    limit = int(re.search(r"max_buffered_msgs:\s*(\d+)", NATS_CONF).group(1))  # type: ignore[union-attr]
+    assert limit >= 5 * Settings().publish_buffer
+    command = _nats_command(tmp_path, {"client": 4222, "monitor": 8222})
+    conf = Path(command[command.index("-c") + 1])
+    assert conf.read_text() == NATS_CONF
+    deployed = (ROOT / "deploy/nats.conf").read_text()
+    assert deployed.endswith(NATS_CONF)
+    nats = _config("config")
+    assert "./deploy/nats.conf:/etc/nats/sow.conf" in nats or "deploy/nats.conf" in nats
+    assert "/etc/nats/sow.conf" in nats
