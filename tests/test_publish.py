@@ -19,6 +19,7 @@ import nats
 import pytest
 from nats.aio.client import Client
 
+from sowcli.bus.nats import BACKLOG_MAX_BYTES, backlog_bytes
 from sowcli.config import Settings
 from sowcli.errors import RetriesExhausted
 from sowcli.model import Quote, decode_quote
@@ -453,6 +454,36 @@ async def test_a_stalled_nats_pauses_reading_instead_of_dropping(fresh_nats_serv
             assert decode_quote(got.data) == last
         finally:
             await nc.close()
+
+
+async def test_a_frozen_nats_never_grows_memory_past_the_bounds(
+    fresh_nats_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """nats-server frozen for longer than a hold may last: the exchange is read again, and what
+    NATS cannot take waits in the bounded buffer (oldest dropped, counted), not in the socket's
+    unbounded one."""
+    monkeypatch.setattr(feed_module, "HOLD_MAX_S", 0.3)
+    url = fresh_nats_server.nats_url
+    async with FakeBybit(valid_symbols={"BTCUSDT"}, auto=False, initial_snapshot=True) as ex:
+        s = settings_for(ex, url, symbols=["BTCUSDT"], markets=["futures"], publish_buffer=20_000)
+        pub = Publisher(s, source=SourceSpec("bybit"))
+        assert pub.nats is not None
+        nats_pub = pub.nats
+        async with running(pub):
+            await ex.wait_subscribed("linear", "tickers.BTCUSDT")
+            await until(lambda: nats_pub.stats.published >= 1)
+            stream = asyncio.create_task(ex.stream_deltas("linear", rate=0))
+            os.kill(fresh_nats_server.pid, signal.SIGSTOP)
+            try:
+                await until(lambda: nats_pub.stats.dropped > 0, 30)  # the hold expired
+                assert nats_pub.nc is not None
+                assert backlog_bytes(nats_pub.nc) <= BACKLOG_MAX_BYTES + (1 << 20)
+                assert nats_pub.buffered <= 20_000
+            finally:
+                os.kill(fresh_nats_server.pid, signal.SIGCONT)
+                stream.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await stream
 
 
 class _AsyncHandler:

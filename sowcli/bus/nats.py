@@ -47,6 +47,7 @@ PUBLISH_BATCH_MAX = 1000
 CONGESTED_BYTES = 4 << 20
 CONGESTED_AT = 20_000
 RELIEVED_BYTES = 256 << 10  # ... until the backlog is down to this
+BACKLOG_MAX_BYTES = 4 * CONGESTED_BYTES  # written but not taken: beyond, quotes wait in our buffer
 DIRECT_WRITE_MAX = 1 << 20  # bytes waiting in the NATS socket's buffer beyond which we queue
 STATUS_PREFIX = "sow.status."
 _SUBJECTS: dict[tuple[str, str], str] = {}
@@ -504,6 +505,11 @@ class NatsPublisher:
             return
         nc = self.nc
         if self._draining or nc is None or not self._connected.is_set():
+            self._wake.set()
+            return
+        if self.congested and backlog_bytes(nc) > BACKLOG_MAX_BYTES:
+            # NATS takes nothing (a frozen server still looks connected until its pings time
+            # out): keep the quotes in the bounded buffer rather than the socket's unbounded one
             self._wake.set()
             return
         count = len(buf)
