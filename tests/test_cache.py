@@ -31,6 +31,7 @@ from sowcli.config import Settings
 from sowcli.errors import ConfigError
 from sowcli.infra import ServerProcess
 from sowcli.model import Quote, decode_quote, encode_quote
+from sowcli.sinks import cache as cache_module
 from sowcli.sinks.cache import (
     CacheStage,
     CacheWriter,
@@ -592,3 +593,22 @@ with contextlib.suppress(ImportError):  # once the lead registered the command
             pytest.skip("`sow cache` is not registered in sowcli/cli/__init__.py yet")
         result = CliRunner().invoke(sow_app, ["cache", "--help"])
         assert result.exit_code == 0 and "--dragonfly-url" in result.output
+
+
+async def test_quotes_nats_drops_for_a_slow_cache_are_counted_and_said(
+    nats_server: ServerProcess,
+    redis_server: ServerProcess,
+    stages: Running,
+    nc: Nats,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """When the cache's NATS subscription queue overflows, nats-py drops messages: the heartbeat
+    counts them (nats_dropped) and a warning says so, instead of a debug line nobody sees."""
+    monkeypatch.setattr(cache_module, "NATS_PENDING_MAX", 2)
+    stage = await stages.start(settings_for(nats_server, redis_server))
+    sym = symbol()
+    await publish(nc, [quote(sym, float(i + 1), T0 + 9000 + i) for i in range(2000)])
+    await eventually(lambda: stage.status()["nats_dropped"] > 0, "drops counted")
+    assert stage.writer.stats.quotes_in + stage.status()["nats_dropped"] <= 2000
+    assert "NATS messages dropped: a subscriber is too slow" in caplog.text

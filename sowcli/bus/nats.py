@@ -72,6 +72,11 @@ def quote_filter(symbol: str | None = None, market: str | None = None) -> str:
     return f"quotes.{m}.{s}"
 
 
+def dropped_by_client(nc: Client | None) -> int:
+    """Messages the client dropped because a subscription's pending queue was full."""
+    return getattr(nc, "slow_consumer_drops", 0)
+
+
 def status_subject(component: str) -> str:
     return STATUS_PREFIX + component
 
@@ -106,6 +111,7 @@ class DirectClient(Client):
     def __init__(self) -> None:
         super().__init__()
         self._direct: dict[int, DirectHandler] = {}
+        self.slow_consumer_drops = 0  # messages nats-py dropped for a full subscription queue
         self._ps = _DirectParser(self)
 
     def deliver_direct(self, sub: Any, handler: DirectHandler | None) -> bool:
@@ -221,6 +227,17 @@ async def connect(
     """
 
     async def _error_cb(exc: Exception) -> None:
+        if isinstance(exc, nats.errors.SlowConsumerError) and isinstance(nc, DirectClient):
+            # nats-py dropped a message: its subscription's pending queue was full. Counted
+            # (heartbeats carry it as nats_dropped), and said, not only logged at debug.
+            nc.slow_consumer_drops += 1
+            drops = nc.slow_consumer_drops
+            if drops == 1 or drops % 10_000 == 0:
+                log.warning(
+                    "NATS messages dropped: a subscriber is too slow",
+                    extra=kv(client=name, subject=exc.subject, dropped_total=drops),
+                )
+            return
         log.debug("nats error", extra=kv(error=repr(exc)))
 
     async def _disconnected() -> None:

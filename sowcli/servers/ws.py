@@ -116,7 +116,13 @@ from websockets.server import ServerProtocol
 from websockets.typing import ExtensionParameter
 
 from sowcli import __version__
-from sowcli.bus.nats import QUOTES_WILDCARD, connect, instance_id, status_subject
+from sowcli.bus.nats import (
+    QUOTES_WILDCARD,
+    connect,
+    dropped_by_client,
+    instance_id,
+    status_subject,
+)
 from sowcli.config import SYMBOL_RE, Settings, redis_url
 from sowcli.errors import ConfigError, UpstreamError, UsageError
 from sowcli.logs import kv
@@ -1172,6 +1178,7 @@ class Bridge:
             nats=self.nats_state,
             nats_connected=self.nc is not None and self.nc.is_connected,
             nats_pending=self._sub.pending_msgs if self._sub is not None else 0,
+            nats_dropped=dropped_by_client(self.nc),
             redis_connected=self.store.connected,
             dropped=self.stats.dropped_slow + self.stats.dropped_abuse,
         )

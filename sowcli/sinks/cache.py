@@ -70,7 +70,13 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from sowcli.bus.nats import QUOTES_WILDCARD, connect, instance_id, status_subject
+from sowcli.bus.nats import (
+    QUOTES_WILDCARD,
+    connect,
+    dropped_by_client,
+    instance_id,
+    status_subject,
+)
 from sowcli.config import SYMBOL_RE, Settings, redis_url
 from sowcli.errors import ConfigError
 from sowcli.logs import kv
@@ -631,6 +637,7 @@ class CacheStage:
             "redis_connected": w.connected,
             "nats_connected": self.nats_connected,
             "nats_pending": self._sub.pending_msgs if self._sub is not None else 0,
+            "nats_dropped": dropped_by_client(self.nc),
             "dropped": s.dropped,
             "write_errors": s.write_errors,
             "invalid": self.invalid,
