@@ -6,7 +6,7 @@ It starts its own nats-server (JetStream) and QuestDB (``sowcli.infra``: free po
 folder), pre-fills the ``QUOTES`` stream with realistic quotes (the default 15 symbols on SPOT and
 FUTURES, every field filled as the live streams fill it), then alternates, ``--runs`` times:
 
-- **persist** — the real stage (:class:`sowcli.persist.Persister`, default batch 5,000 rows /
+- **persist** — the real stage (:class:`sowcli.persist.Persister`, default batch 10,000 rows /
   250 ms) on a fresh durable consumer, from "pulling" to the last message acked after its
   QuestDB write. ``market_data`` is truncated before each run (every run inserts, none upserts).
   QuestDB's asynchronous WAL apply is timed separately ("applied").

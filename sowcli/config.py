@@ -137,7 +137,7 @@ class Settings:
     persist_consumer: str = _key(
         "sow-persist", "durable JetStream consumer shared by `sow persist`"
     )
-    persist_batch_rows: int = _key(5000, "rows per QuestDB write (flush when reached)")
+    persist_batch_rows: int = _key(10_000, "rows per QuestDB write (flush when reached)")
     persist_flush_ms: int = _key(250, "flush a partial batch after this many milliseconds")
     persist_ack_wait_seconds: float = _key(
         30.0, "JetStream ack wait: messages of a crashed `sow persist` are redelivered after this"

@@ -47,7 +47,7 @@ a callback subscription costs nothing extra.
 before redelivery. A process that retries a QuestDB write sends "in progress" (``+WPI``) for the
 messages it holds every ``ack_wait / 3``, so a long outage causes no redelivery at all, and it
 stops pulling once it holds ``6 x persist_batch_rows`` messages. ``max_ack_pending``
-(``20 x persist_batch_rows`` = 100k) caps what all processes together hold unacknowledged, so a
+(``20 x persist_batch_rows`` = 200k) caps what all processes together hold unacknowledged, so a
 crash can cause at most that many redeliveries. ``max_deliver`` is unlimited: a tick is never
 given up on. Payloads that are not Quotes are terminated (``+TERM``): never redelivered.
 """

@@ -50,7 +50,10 @@ def command(
     batch_rows: Annotated[
         int | None,
         typer.Option(
-            "--batch-rows", min=1, help="Rows per QuestDB write (default 5000).", show_default=False
+            "--batch-rows",
+            min=1,
+            help="Rows per QuestDB write (default 10000).",
+            show_default=False,
         ),
     ] = None,
     flush_ms: Annotated[
