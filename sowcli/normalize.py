@@ -31,6 +31,7 @@ Spot tickers carry no bid/ask, so with ``spot_book`` on the normalizer also foll
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -127,8 +128,23 @@ class _TickerFrame(msgspec.Struct, gc=False):
 _ticker_decoder = msgspec.json.Decoder(_TickerFrame, strict=False)
 
 
-def _finite(*values: float | None) -> bool:
-    return all(v is None or v - v == 0.0 for v in values)
+def _typed_value(d: _TickerData) -> Callable[[str], float | None]:
+    """``value(wire_field)`` over a typed ticker: absent -> None; NaN/infinity -> InvalidFrame."""
+
+    def value(field: str) -> float | None:
+        v = getattr(d, field)
+        if v is UNSET:
+            return None
+        if v - v != 0.0:
+            raise InvalidFrame(f"{field}={v!r} is not a finite number")
+        return v  # type: ignore[no-any-return]
+
+    return value
+
+
+def _dict_value(d: dict[str, Any]) -> Callable[[str], float | None]:
+    """``value(wire_field)`` over a decoded ticker dict (the rules of :func:`_num`)."""
+    return lambda field: _num(d.get(field), field)
 
 
 # Wire field -> Quote field, per market: what a delta may change. ``price24hPcnt`` becomes
@@ -375,10 +391,10 @@ class BybitNormalizer:
                 return NOT_DECODED  # type: ignore[no-any-return]
             quote = delta
         elif kind == "snapshot":
-            quote_or_none = self._typed_snapshot(market, symbol, d, frame.ts, recv_us, cs)
-            if quote_or_none is None:
+            try:
+                quote = self._snapshot(market, symbol, _typed_value(d), frame.ts, recv_us, cs)
+            except InvalidFrame:  # the dict path says why, and counts it
                 return NOT_DECODED  # type: ignore[no-any-return]
-            quote = quote_or_none
         else:
             return NOT_DECODED  # type: ignore[no-any-return]
         self._tickers[key] = quote
@@ -400,67 +416,6 @@ class BybitNormalizer:
         changes["bid"], changes["ask"] = self._spot_bid_ask(state.symbol)
         return replace(state, ts=ts, recv_us=recv_us, seq=cs, **changes)
 
-    def _typed_snapshot(
-        self, market: Market, symbol: str, d: _TickerData, ts: int, recv_us: int, cs: int | None
-    ) -> Quote | None:
-        price = d.lastPrice
-        if price is UNSET:
-            return None
-        volume = None if d.volume24h is UNSET else d.volume24h
-        turnover = None if d.turnover24h is UNSET else d.turnover24h
-        high = None if d.highPrice24h is UNSET else d.highPrice24h
-        low = None if d.lowPrice24h is UNSET else d.lowPrice24h
-        pcnt = d.price24hPcnt
-        change = None if pcnt is UNSET else round(pcnt * 100.0, 8)
-        if market == "SPOT":
-            if not _finite(price, volume, turnover, high, low, change):
-                return None
-            bid, ask = self._spot_bid_ask(symbol)
-            return Quote(
-                symbol=symbol,
-                market=market,
-                price=price,
-                volume=volume,
-                turnover=turnover,
-                high24h=high,
-                low24h=low,
-                change24h=change,
-                bid=bid,
-                ask=ask,
-                ts=ts,
-                recv_us=recv_us,
-                seq=cs,
-            )
-        bid = None if d.bid1Price is UNSET else d.bid1Price
-        ask = None if d.ask1Price is UNSET else d.ask1Price
-        mark = None if d.markPrice is UNSET else d.markPrice
-        index = None if d.indexPrice is UNSET else d.indexPrice
-        funding = None if d.fundingRate is UNSET else d.fundingRate
-        oi = None if d.openInterest is UNSET else d.openInterest
-        if not _finite(
-            price, volume, turnover, high, low, change, bid, ask, mark, index, funding, oi
-        ):
-            return None
-        return Quote(
-            symbol=symbol,
-            market=market,
-            price=price,
-            volume=volume,
-            turnover=turnover,
-            high24h=high,
-            low24h=low,
-            change24h=change,
-            bid=bid,
-            ask=ask,
-            mark_price=mark,
-            index_price=index,
-            funding_rate=funding,
-            open_interest=oi,
-            ts=ts,
-            recv_us=recv_us,
-            seq=cs,
-        )
-
     def _ticker(
         self, market: Market, topic: str, msg: dict[str, Any], recv_us: int
     ) -> Quote | None:
@@ -481,7 +436,7 @@ class BybitNormalizer:
             ts = _int(msg.get("ts"), "ts")
             if ts is None:
                 raise InvalidFrame("frame without ts")
-            quote = self._quote(market, symbol, data, ts, recv_us, cs)
+            quote = self._snapshot(market, symbol, _dict_value(data), ts, recv_us, cs)
         elif kind == "delta":
             state = self._tickers.get(key)
             if state is None:
@@ -533,55 +488,44 @@ class BybitNormalizer:
                 return book.best_bid, book.best_ask
         return None, None
 
-    def _quote(
+    def _snapshot(
         self,
         market: Market,
         symbol: str,
-        d: dict[str, Any],
+        value: Callable[[str], float | None],
         ts: int,
         recv_us: int,
         cs: int | None,
     ) -> Quote:
-        price = _num(d.get("lastPrice"), "lastPrice")
+        """A full ticker as a Quote; ``value(wire_field)`` reads one number (``None`` = absent)."""
+        price = value("lastPrice")
         if price is None:
             raise InvalidFrame("no lastPrice")
-        pcnt = _num(d.get("price24hPcnt"), "price24hPcnt")
-        change = round(pcnt * 100.0, 8) if pcnt is not None else None
+        pcnt = value("price24hPcnt")
+        common: dict[str, Any] = {
+            "symbol": symbol,
+            "market": market,
+            "price": price,
+            "volume": value("volume24h"),
+            "turnover": value("turnover24h"),
+            "high24h": value("highPrice24h"),
+            "low24h": value("lowPrice24h"),
+            "change24h": round(pcnt * 100.0, 8) if pcnt is not None else None,
+            "ts": ts,
+            "recv_us": recv_us,
+            "seq": cs,
+        }
         if market == "SPOT":
             bid, ask = self._spot_bid_ask(symbol)
-            return Quote(
-                symbol=symbol,
-                market=market,
-                price=price,
-                volume=_num(d.get("volume24h"), "volume24h"),
-                turnover=_num(d.get("turnover24h"), "turnover24h"),
-                high24h=_num(d.get("highPrice24h"), "highPrice24h"),
-                low24h=_num(d.get("lowPrice24h"), "lowPrice24h"),
-                change24h=change,
-                bid=bid,
-                ask=ask,
-                ts=ts,
-                recv_us=recv_us,
-                seq=cs,
-            )
+            return Quote(**common, bid=bid, ask=ask)
         return Quote(
-            symbol=symbol,
-            market=market,
-            price=price,
-            volume=_num(d.get("volume24h"), "volume24h"),
-            turnover=_num(d.get("turnover24h"), "turnover24h"),
-            high24h=_num(d.get("highPrice24h"), "highPrice24h"),
-            low24h=_num(d.get("lowPrice24h"), "lowPrice24h"),
-            change24h=change,
-            bid=_num(d.get("bid1Price"), "bid1Price"),
-            ask=_num(d.get("ask1Price"), "ask1Price"),
-            mark_price=_num(d.get("markPrice"), "markPrice"),
-            index_price=_num(d.get("indexPrice"), "indexPrice"),
-            funding_rate=_num(d.get("fundingRate"), "fundingRate"),
-            open_interest=_num(d.get("openInterest"), "openInterest"),
-            ts=ts,
-            recv_us=recv_us,
-            seq=cs,
+            **common,
+            bid=value("bid1Price"),
+            ask=value("ask1Price"),
+            mark_price=value("markPrice"),
+            index_price=value("indexPrice"),
+            funding_rate=value("fundingRate"),
+            open_interest=value("openInterest"),
         )
 
     def _orderbook(self, msg: dict[str, Any]) -> None:

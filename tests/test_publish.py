@@ -19,7 +19,7 @@ import nats
 import pytest
 from nats.aio.client import Client
 
-from sowcli.bus.nats import BACKLOG_MAX_BYTES, backlog_bytes
+from sowcli.bus.nats import BACKLOG_MAX_BYTES, NatsPublisher, backlog_bytes
 from sowcli.config import Settings
 from sowcli.errors import RetriesExhausted
 from sowcli.model import Quote, decode_quote
@@ -406,14 +406,33 @@ async def test_buffer_bound_drops_oldest_and_counts(fresh_nats_server: Any) -> N
             await asyncio.to_thread(fresh_nats_server.restart)
 
 
-async def test_a_stalled_nats_pauses_reading_instead_of_dropping(fresh_nats_server: Any) -> None:
-    """nats-server frozen (SIGSTOP) while Bybit streams at full speed: the connection stays up,
-    so the publisher's buffers fill; past its congestion mark it stops reading the exchange
-    socket (TCP slows the sender) instead of dropping. Once NATS runs again every quote reaches
-    the QUOTES stream, the last one last."""
-    url = fresh_nats_server.nats_url
+@dataclasses.dataclass
+class Frozen:
+    """A publisher under a full-speed Bybit stream, its nats-server frozen with SIGSTOP."""
+
+    pub: Publisher
+    nats_pub: NatsPublisher
+    server: Any
+    stream: asyncio.Task[int]
+    thawed: bool = False
+
+    def thaw(self) -> None:
+        if not self.thawed:
+            os.kill(self.server.pid, signal.SIGCONT)
+            self.thawed = True
+
+    async def stop_stream(self) -> None:
+        self.stream.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.stream
+
+
+@contextlib.asynccontextmanager
+async def nats_frozen_under_full_speed(server: Any) -> AsyncIterator[Frozen]:
     async with FakeBybit(valid_symbols={"BTCUSDT"}, auto=False, initial_snapshot=True) as ex:
-        s = settings_for(ex, url, symbols=["BTCUSDT"], markets=["futures"], publish_buffer=20_000)
+        s = settings_for(
+            ex, server.nats_url, symbols=["BTCUSDT"], markets=["futures"], publish_buffer=20_000
+        )
         pub = Publisher(s, source=SourceSpec("bybit"))
         assert pub.nats is not None
         nats_pub = pub.nats
@@ -421,39 +440,50 @@ async def test_a_stalled_nats_pauses_reading_instead_of_dropping(fresh_nats_serv
             await ex.wait_subscribed("linear", "tickers.BTCUSDT")
             await until(lambda: nats_pub.stats.published >= 1)
             stream = asyncio.create_task(ex.stream_deltas("linear", rate=0))
-            os.kill(fresh_nats_server.pid, signal.SIGSTOP)
+            os.kill(server.pid, signal.SIGSTOP)
+            frozen = Frozen(pub, nats_pub, server, stream)
             try:
-                await until(lambda: pub.feed.held, 20)
-                assert nats_pub.congested and nats_pub.connected
+                yield frozen
             finally:
-                os.kill(fresh_nats_server.pid, signal.SIGCONT)
-            await until(lambda: not pub.feed.held, 20)
-            stream.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await stream
-            quotes = pub.feed.normalizer.stats
-            await until(lambda: nats_pub.stats.published == quotes.quotes, 20)
-            assert nats_pub.stats.dropped == 0 and pub.feed.stats.overflow_dropped == 0
-            last = pub.feed.normalizer._tickers[("FUTURES", "BTCUSDT")]
-        assert quotes.quotes > 20_000  # more than the buffer holds went through the stall
-        nc = await nats.connect(url)
-        try:
-            js = nc.jetstream()
-            stored = 0
+                frozen.thaw()
+                await frozen.stop_stream()
 
-            async def stored_all() -> bool:
-                nonlocal stored
-                stored = (await js.stream_info("QUOTES")).state.messages
-                return stored >= quotes.quotes
 
-            async with asyncio.timeout(20):
-                while not await stored_all():
-                    await asyncio.sleep(0.05)
-            assert stored == quotes.quotes
-            got = await js.get_last_msg("QUOTES", "quotes.futures.BTCUSDT")
-            assert decode_quote(got.data) == last
-        finally:
-            await nc.close()
+async def test_a_stalled_nats_pauses_reading_instead_of_dropping(fresh_nats_server: Any) -> None:
+    """nats-server frozen (SIGSTOP) while Bybit streams at full speed: the connection stays up,
+    so the publisher's buffers fill; past its congestion mark it stops reading the exchange
+    socket (TCP slows the sender) instead of dropping. Once NATS runs again every quote reaches
+    the QUOTES stream, the last one last."""
+    async with nats_frozen_under_full_speed(fresh_nats_server) as frozen:
+        pub, nats_pub = frozen.pub, frozen.nats_pub
+        await until(lambda: pub.feed.held, 20)
+        assert nats_pub.congested and nats_pub.connected
+        frozen.thaw()
+        await until(lambda: not pub.feed.held, 20)
+        await frozen.stop_stream()
+        quotes = pub.feed.normalizer.stats
+        await until(lambda: nats_pub.stats.published == quotes.quotes, 20)
+        assert nats_pub.stats.dropped == 0 and pub.feed.stats.overflow_dropped == 0
+        last = pub.feed.normalizer._tickers[("FUTURES", "BTCUSDT")]
+    assert quotes.quotes > 20_000  # more than the buffer holds went through the stall
+    nc = await nats.connect(fresh_nats_server.nats_url)
+    try:
+        js = nc.jetstream()
+        stored = 0
+
+        async def stored_all() -> bool:
+            nonlocal stored
+            stored = (await js.stream_info("QUOTES")).state.messages
+            return stored >= quotes.quotes
+
+        async with asyncio.timeout(20):
+            while not await stored_all():
+                await asyncio.sleep(0.05)
+        assert stored == quotes.quotes
+        got = await js.get_last_msg("QUOTES", "quotes.futures.BTCUSDT")
+        assert decode_quote(got.data) == last
+    finally:
+        await nc.close()
 
 
 async def test_a_frozen_nats_never_grows_memory_past_the_bounds(
@@ -463,27 +493,12 @@ async def test_a_frozen_nats_never_grows_memory_past_the_bounds(
     NATS cannot take waits in the bounded buffer (oldest dropped, counted), not in the socket's
     unbounded one."""
     monkeypatch.setattr(feed_module, "HOLD_MAX_S", 0.3)
-    url = fresh_nats_server.nats_url
-    async with FakeBybit(valid_symbols={"BTCUSDT"}, auto=False, initial_snapshot=True) as ex:
-        s = settings_for(ex, url, symbols=["BTCUSDT"], markets=["futures"], publish_buffer=20_000)
-        pub = Publisher(s, source=SourceSpec("bybit"))
-        assert pub.nats is not None
-        nats_pub = pub.nats
-        async with running(pub):
-            await ex.wait_subscribed("linear", "tickers.BTCUSDT")
-            await until(lambda: nats_pub.stats.published >= 1)
-            stream = asyncio.create_task(ex.stream_deltas("linear", rate=0))
-            os.kill(fresh_nats_server.pid, signal.SIGSTOP)
-            try:
-                await until(lambda: nats_pub.stats.dropped > 0, 30)  # the hold expired
-                assert nats_pub.nc is not None
-                assert backlog_bytes(nats_pub.nc) <= BACKLOG_MAX_BYTES + (1 << 20)
-                assert nats_pub.buffered <= 20_000
-            finally:
-                os.kill(fresh_nats_server.pid, signal.SIGCONT)
-                stream.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await stream
+    async with nats_frozen_under_full_speed(fresh_nats_server) as frozen:
+        nats_pub = frozen.nats_pub
+        await until(lambda: nats_pub.stats.dropped > 0, 30)  # the hold expired
+        assert nats_pub.nc is not None
+        assert backlog_bytes(nats_pub.nc) <= BACKLOG_MAX_BYTES + (1 << 20)
+        assert nats_pub.buffered <= 20_000
 
 
 class _AsyncHandler:

@@ -51,7 +51,6 @@ BACKLOG_MAX_BYTES = 4 * CONGESTED_BYTES  # written but not taken: beyond, quotes
 DIRECT_WRITE_MAX = 1 << 20  # bytes waiting in the NATS socket's buffer beyond which we queue
 STATUS_PREFIX = "sow.status."
 _SUBJECTS: dict[tuple[str, str], str] = {}
-_QUOTE_PREFIX: dict[tuple[str, str], bytes] = {}  # (market, symbol) -> b"PUB quotes... "
 
 
 def quote_subject(market: str, symbol: str) -> str:
@@ -93,10 +92,6 @@ def servers(url: str) -> list[str]:
 DirectHandler = Callable[[bytes, bytes, bytes], None]  # (subject, reply, payload)
 
 
-def _handler_failed(subject: bytes) -> None:
-    log.exception("direct message handler failed", extra=kv(subject=subject.decode()))
-
-
 class DirectClient(Client):
     """nats-py's client, plus plain-callback delivery for chosen subscriptions.
 
@@ -132,13 +127,18 @@ class DirectClient(Client):
         if handler is None or headers or rest:
             await super()._process_msg(sid, subject, reply, data, headers, *rest)
             return
+        self.deliver(handler, subject, reply, data)
+
+    def deliver(self, handler: DirectHandler, subject: bytes, reply: bytes, data: bytes) -> None:
+        """Count one message and hand it to ``handler``; a handler's bug is logged, and must not
+        take nats-py's reading loop down."""
         stats = self.stats
         stats["in_msgs"] += 1
         stats["in_bytes"] += len(data)
         try:
             handler(subject, reply, data)
         except Exception:
-            _handler_failed(subject)
+            log.exception("direct message handler failed", extra=kv(subject=subject.decode()))
 
 
 class _DirectParser(Parser):
@@ -161,7 +161,7 @@ class _DirectParser(Parser):
         if not direct:
             await super().parse()
             return
-        stats = self.nc.stats
+        deliver = self.nc.deliver
         if self.state == _AWAITING_MSG_PAYLOAD and not self.header_needed:
             # nats-py's parser read the control line of a direct message, not its payload yet
             arg = self.msg_arg
@@ -173,12 +173,7 @@ class _DirectParser(Parser):
                 payload = bytes(buf[:size])
                 del buf[: size + 2]
                 self.state = _AWAITING_CONTROL_LINE
-                stats["in_msgs"] += 1
-                stats["in_bytes"] += size
-                try:
-                    handler(arg["subject"], arg["reply"], payload)
-                except Exception:
-                    _handler_failed(arg["subject"])
+                deliver(handler, arg["subject"], arg["reply"], payload)
         if self.state == _AWAITING_CONTROL_LINE:
             while buf.startswith(b"MSG "):
                 eol = buf.find(b"\r\n")
@@ -201,12 +196,7 @@ class _DirectParser(Parser):
                     return  # the rest of the payload is still on its way
                 payload = bytes(buf[start:end])
                 del buf[: end + 2]
-                stats["in_msgs"] += 1
-                stats["in_bytes"] += end - start
-                try:
-                    handler(subject, reply, payload)
-                except Exception:  # a handler's bug must not take nats-py's reading loop down
-                    _handler_failed(subject)
+                deliver(handler, subject, reply, payload)
         if buf:
             await super().parse()
 
@@ -334,11 +324,6 @@ async def write_lines(nc: Client, lines: Sequence[bytes]) -> None:
         return
     await send(b"".join(lines))
     await flush()
-
-
-async def publish_many(nc: Client, messages: Sequence[tuple[str, bytes]]) -> None:
-    """Publish ``(subject, payload)`` pairs as one write (see :func:`write_lines`)."""
-    await write_lines(nc, [pub_line(subject, payload) for subject, payload in messages])
 
 
 def write_nowait(nc: Client, data: bytes) -> bool:
@@ -476,12 +461,7 @@ class NatsPublisher:
         self.on_quote_nowait(quote)
 
     def on_quote_nowait(self, quote: Quote) -> None:
-        prefix = _QUOTE_PREFIX.get((quote.market, quote.symbol))
-        if prefix is None:
-            if len(_QUOTE_PREFIX) > 100_000:  # bounded, like the subject caches
-                _QUOTE_PREFIX.clear()
-            prefix = _pub_prefix(quote_subject(quote.market, quote.symbol))
-            _QUOTE_PREFIX[(quote.market, quote.symbol)] = prefix
+        prefix = _pub_prefix(quote_subject(quote.market, quote.symbol))
         scratch = self._scratch
         _encode_into(quote, scratch)
         self._queue_line(b"%s%d\r\n%s\r\n" % (prefix, len(scratch), scratch))

@@ -149,11 +149,7 @@ class Feed:
         if sync is not None and not self._queue and self._task is not None and not self._stopping:
             quote = self._decode(origin, raw, recv_us)
             if quote is not None:
-                for on_quote in sync:
-                    try:
-                        on_quote(quote)
-                    except Exception as exc:
-                        self._handler_failed(on_quote, exc)
+                self._dispatch_nowait(sync, quote)
             return
         if len(self._queue) >= self._queue_max:
             self.stats.overflow_dropped += 1
@@ -250,28 +246,24 @@ class Feed:
         if self.recorder is not None:
             self.recorder.recv(origin.name, raw, recv_us)
         self.stats.frames_in[market] += 1
+        quote: Quote | None = NOT_DECODED
         if raw.startswith(TICKER_PREFIX):  # the hot path: typed decoding of a tickers frame
             quote = self.normalizer.ticker_from_bytes(market, raw, recv_us)
-            if quote is not NOT_DECODED:
-                now = time.monotonic()
-                origin.last_data_mono = now
-                if quote is not None:
-                    self.last_update[(market, quote.symbol)] = now
-                return quote
-        try:
-            msg = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            self.stats.malformed += 1
-            return None
-        if type(msg) is not dict:
-            self.stats.malformed += 1
-            return None
-        if "topic" not in msg:
-            origin.on_control(msg, recv_us)
-            return None
+        if quote is NOT_DECODED:
+            try:
+                msg = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                self.stats.malformed += 1
+                return None
+            if type(msg) is not dict:
+                self.stats.malformed += 1
+                return None
+            if "topic" not in msg:
+                origin.on_control(msg, recv_us)
+                return None
+            quote = self.normalizer.on_message(market, msg, recv_us)
         now = time.monotonic()  # one clock read per frame serves both idle and stale checks
         origin.last_data_mono = now
-        quote = self.normalizer.on_message(market, msg, recv_us)
         if quote is not None:
             self.last_update[(quote.market, quote.symbol)] = now
         return quote
