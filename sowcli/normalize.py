@@ -372,11 +372,8 @@ class BybitNormalizer:
             return NOT_DECODED  # type: ignore[no-any-return]
         key = (market, symbol)
         cs = frame.cs
-        if cs is not None:
-            last_cs = self._last_cs.get(key)
-            if last_cs is not None and cs < last_cs:
-                self.stats.stale_frames += 1
-                return None
+        if self._stale(key, cs):
+            return None
         kind = frame.type
         if kind == "delta":
             state = self._tickers.get(key)
@@ -397,6 +394,20 @@ class BybitNormalizer:
                 return NOT_DECODED  # type: ignore[no-any-return]
         else:
             return NOT_DECODED  # type: ignore[no-any-return]
+        return self._commit(key, quote, cs)
+
+    def _stale(self, key: tuple[Market, str], cs: int | None) -> bool:
+        """A frame older (lower ``cs``) than the last one applied: counted, to be dropped."""
+        if cs is None:
+            return False
+        last_cs = self._last_cs.get(key)
+        if last_cs is not None and cs < last_cs:
+            self.stats.stale_frames += 1
+            return True
+        return False
+
+    def _commit(self, key: tuple[Market, str], quote: Quote, cs: int | None) -> Quote:
+        """The frame produced a valid quote: it becomes the merge state."""
         self._tickers[key] = quote
         if cs is not None:
             self._last_cs[key] = cs
@@ -428,9 +439,7 @@ class BybitNormalizer:
         key = (market, symbol)
         kind = msg.get("type", "snapshot")  # spot tickers are always snapshots
         cs = _int(msg.get("cs"), "cs")
-        last_cs = self._last_cs.get(key)
-        if cs is not None and last_cs is not None and cs < last_cs:
-            self.stats.stale_frames += 1
+        if self._stale(key, cs):
             return None
         if kind == "snapshot":
             ts = _int(msg.get("ts"), "ts")
@@ -446,11 +455,7 @@ class BybitNormalizer:
         else:
             raise InvalidFrame(f"unknown frame type {kind!r}")
         # Commit only a frame that produced a valid quote: a bad delta must not poison the state.
-        self._tickers[key] = quote
-        if cs is not None:
-            self._last_cs[key] = cs
-        self.stats.quotes += 1
-        return quote
+        return self._commit(key, quote, cs)
 
     def _delta(
         self,
